@@ -1,0 +1,118 @@
+//! The batch an agent posts to the receiver's `POST /v1/ingest` (`Content-Type: application/cbor`).
+//!
+//! `version` is checked first: a receiver refuses a batch of a version it does not know, with a
+//! clear error, instead of guessing at its fields.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use minicbor::{Decode, Encode};
+
+use crate::summary::WindowSummary;
+
+/// The batch format version this crate writes and reads.
+pub const BATCH_VERSION: u16 = 1;
+
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+#[cbor(map)]
+pub struct Batch {
+    #[n(0)]
+    pub version: u16,
+    #[n(1)]
+    pub agent_id: String,
+    /// Agent wall-clock time when the batch was built, ms since the Unix epoch (diagnostic only).
+    #[n(2)]
+    pub sent_at_ms: i64,
+    #[n(3)]
+    pub summaries: Vec<WindowSummary>,
+}
+
+#[derive(Debug)]
+pub enum BatchError {
+    /// The body is not a CBOR batch.
+    Malformed(minicbor::decode::Error),
+    UnsupportedVersion(u16),
+}
+
+impl core::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Malformed(e) => write!(f, "body is not a CBOR batch: {e}"),
+            Self::UnsupportedVersion(v) => {
+                write!(f, "batch version {v} is not supported (this receiver reads {BATCH_VERSION})")
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for BatchError {}
+
+impl Batch {
+    pub fn new(agent_id: String, sent_at_ms: i64, summaries: Vec<WindowSummary>) -> Self {
+        Batch { version: BATCH_VERSION, agent_id, sent_at_ms, summaries }
+    }
+
+    pub fn to_cbor(&self) -> Vec<u8> {
+        // Encoding into a Vec cannot fail: the writer is infallible.
+        minicbor::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, BatchError> {
+        let batch: Batch = minicbor::decode(bytes).map_err(BatchError::Malformed)?;
+        if batch.version != BATCH_VERSION {
+            return Err(BatchError::UnsupportedVersion(batch.version));
+        }
+        Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::summary::tests::sample;
+    use alloc::string::ToString;
+    use alloc::vec;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trips() {
+        let b = Batch::new("gw-1".to_string(), 42, vec![sample(), sample()]);
+        assert_eq!(Batch::from_cbor(&b.to_cbor()).unwrap(), b);
+    }
+
+    #[test]
+    fn refuses_unknown_versions_and_garbage() {
+        let mut b = Batch::new("gw-1".to_string(), 42, vec![]);
+        b.version = 9;
+        assert!(matches!(Batch::from_cbor(&b.to_cbor()), Err(BatchError::UnsupportedVersion(9))));
+        assert!(matches!(Batch::from_cbor(b"{\"json\": 1}"), Err(BatchError::Malformed(_))));
+        assert!(matches!(Batch::from_cbor(&[]), Err(BatchError::Malformed(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn any_summary_round_trips(
+            stream in "[a-z0-9/_-]{1,40}",
+            start in any::<i64>(),
+            rev in any::<u32>(),
+            count in any::<u64>(),
+            vals in proptest::array::uniform6(any::<f64>().prop_filter("not NaN", |v| !v.is_nan())),
+            unit in proptest::option::of("[A-Za-z%]{1,5}"),
+        ) {
+            let s = WindowSummary {
+                agent_id: "gw".to_string(), stream, window_start_ms: start,
+                window_end_ms: start.wrapping_add(1000), revision: rev, count,
+                min: vals[0], max: vals[1], mean: vals[2], stddev: vals[3],
+                first_value: vals[4], first_time_ms: start, last_value: vals[5],
+                last_time_ms: start, unit,
+            };
+            let b = Batch::new("gw".to_string(), 0, vec![s]);
+            prop_assert_eq!(Batch::from_cbor(&b.to_cbor()).unwrap(), b);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Batch::from_cbor(&bytes);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The Edgewise data contract, shared by the firmware, the agent and the cloud receiver.
+//!
+//! # Layout
+//!
+//! - [`senml`]: SenML (RFC 8428) labels and an encoder that writes a CBOR record pack into a
+//!   caller's fixed buffer with no allocation: this is what sensor nodes publish.
+//! - [`summary`] (feature `alloc`): [`Reading`], [`WindowSummary`] and its deterministic
+//!   [`SummaryId`], plus the validation the receiver applies to every record.
+//! - [`batch`] (feature `alloc`): the versioned [`Batch`] the agent posts to `/v1/ingest`.
+//!
+//! Every wire type is CBOR encoded with `minicbor` (not `serde_cbor`, which is unmaintained,
+//! RUSTSEC-2021-0127, and needs an allocator). Structs are CBOR maps keyed by small integers, so a
+//! later version can add optional fields that older readers skip.
+//!
+//! Tested by unit tests and property tests (round trips) in each module.
+#![no_std]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod senml;
+
+#[cfg(feature = "alloc")]
+pub mod batch;
+#[cfg(feature = "alloc")]
+pub mod summary;
+
+#[cfg(feature = "alloc")]
+pub use batch::{BATCH_VERSION, Batch, BatchError};
+#[cfg(feature = "alloc")]
+pub use summary::{InvalidSummary, Reading, SummaryId, WindowSummary};

@@ -1,0 +1,262 @@
+//! Helpers for the integration tests: a real MQTT broker and a subscriber that tallies what
+//! it receives.
+//!
+//! The broker is the one named by `EDGEWISE_TEST_MQTT_URL` (`mqtt://127.0.0.1:1883`, as on CI),
+//! else an embedded rumqttd started once per test binary on a free loopback port. Every test
+//! uses fresh client ids and topics, so tests and concurrent runs never see each other's traffic.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use edgewise_protocol::senml::label;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+/// Where the test broker listens.
+#[derive(Debug, Clone)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+pub fn broker() -> BrokerAddr {
+    if let Ok(url) = std::env::var("EDGEWISE_TEST_MQTT_URL") {
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+        let (host, port) = rest
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .unwrap_or((rest, "1883"));
+        let port = port
+            .parse()
+            .unwrap_or_else(|_| panic!("bad port in EDGEWISE_TEST_MQTT_URL={url}"));
+        return BrokerAddr {
+            host: host.to_string(),
+            port,
+        };
+    }
+    static EMBEDDED: OnceLock<u16> = OnceLock::new();
+    BrokerAddr {
+        host: "127.0.0.1".into(),
+        port: *EMBEDDED.get_or_init(start_embedded_broker),
+    }
+}
+
+/// A free loopback port: bind port 0, read the port, release it.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Start rumqttd on its own thread (`start()` blocks) and wait until it accepts connections.
+pub fn start_embedded_broker() -> u16 {
+    let port = free_port();
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    let server = ServerSettings {
+        name: "v4-test".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: 1 << 20,
+            max_inflight_count: 500,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 10_010,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 10 * 1024 * 1024,
+            max_segment_count: 10,
+            ..RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("v4-test".to_string(), server)])),
+        ..Config::default()
+    };
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = Broker::new(config).start() {
+                eprintln!("embedded rumqttd stopped: {e}");
+            }
+        })
+        .expect("spawn the broker thread");
+    for _ in 0..500 {
+        if TcpStream::connect(listen).is_ok() {
+            return port;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("embedded rumqttd did not listen on {listen} within 5 s");
+}
+
+/// A name unique to this process and call, for client ids and topics.
+pub fn unique(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{name}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Base name, base time (ms) and values of a SenML-CBOR pack; `None` if it is not one.
+pub fn decode_pack(bytes: &[u8]) -> Option<(String, i64, Vec<f64>)> {
+    let mut d = minicbor::Decoder::new(bytes);
+    let (mut bn, mut bt, mut values) = (None, None, Vec::new());
+    for _ in 0..d.array().ok()?? {
+        for _ in 0..d.map().ok()?? {
+            match d.i64().ok()? {
+                label::BASE_NAME => bn = Some(d.str().ok()?.to_string()),
+                label::BASE_TIME => bt = Some((d.f64().ok()? * 1_000.0).round() as i64),
+                label::VALUE => values.push(d.f64().ok()?),
+                label::NAME | label::UNIT => drop(d.str().ok()?),
+                _ => d.skip().ok()?,
+            }
+        }
+    }
+    (d.position() == bytes.len()).then_some((bn?, bt?, values))
+}
+
+/// One received message: its topic and, if it is a SenML pack, what the pack holds.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub pack: Option<(String, i64, Vec<f64>)>,
+}
+
+/// A subscriber to `filter` (QoS 1) that keeps every message it receives.
+pub struct Subscriber {
+    pub received: Arc<Mutex<Vec<Received>>>,
+    _client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Connect, subscribe and wait for the SUBACK.
+    pub async fn start(broker: &BrokerAddr, filter: &str) -> Subscriber {
+        let mut opts = MqttOptions::new(unique("sub"), broker.host.clone(), broker.port);
+        opts.set_max_packet_size(1 << 20, 1 << 20)
+            .set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queue the subscribe");
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (subacked_tx, subacked_rx) = tokio::sync::oneshot::channel();
+        let sink = Arc::clone(&received);
+        let task = tokio::spawn(async move {
+            let mut subacked = Some(subacked_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subacked.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let r = Received {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            pack: decode_pack(&p.payload),
+                        };
+                        sink.lock().unwrap().push(r);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("subscriber: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subacked_rx)
+            .await
+            .expect("SUBACK within 10 s")
+            .expect("subscriber task alive");
+        Subscriber {
+            received,
+            _client: client,
+            task,
+        }
+    }
+
+    /// Wait until at least `n` messages arrived (or 15 s passed), then a little longer to catch
+    /// any extra (duplicate) deliveries; returns everything received.
+    pub async fn collect(&self, n: usize) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while self.received.lock().unwrap().len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP proxy in front of the broker whose connections can be cut, to force reconnects.
+pub struct Proxy {
+    pub port: u16,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: &BrokerAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let target = format!("{}:{}", target.host, target.port);
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let live = Arc::clone(&connections);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                live.lock().unwrap().push(conn);
+            }
+        });
+        Proxy {
+            port,
+            connections,
+            accept,
+        }
+    }
+
+    /// Drop every proxied connection now (new ones are still accepted).
+    pub fn cut(&self) -> usize {
+        let conns: Vec<_> = self.connections.lock().unwrap().drain(..).collect();
+        conns.iter().for_each(|c| c.abort());
+        conns.len()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}

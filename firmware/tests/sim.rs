@@ -1,0 +1,224 @@
+//! The simulator against a real MQTT broker (embedded rumqttd, or `EDGEWISE_TEST_MQTT_URL`): a
+//! subscriber on the run's topics must receive exactly what the simulator counted.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{BrokerAddr, Proxy, Subscriber, broker, free_port, unique};
+use edgewise_firmware::sim::{Faults, SIM_METRICS, SimConfig, SimError, Simulator};
+
+const START_MS: i64 = 1_700_000_000_000;
+const LATE_BY_MS: i64 = 3_600_000;
+
+fn config(broker: &BrokerAddr, topic_prefix: &str) -> SimConfig {
+    SimConfig {
+        broker_host: broker.host.clone(),
+        broker_port: broker.port,
+        nodes: 30,
+        interval_ms: 100,
+        connections: 3,
+        qos: 1,
+        client_id_prefix: unique("sim"),
+        topic_prefix: topic_prefix.to_string(),
+        seed: 11,
+        start_time_ms: Some(START_MS),
+        drain_timeout_ms: 10_000,
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_receives_exactly_what_the_simulator_counted() {
+    let broker = broker();
+    let prefix = format!("edgewise-test/{}/sensors", unique("run"));
+    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
+
+    let faults = Faults {
+        out_of_range: 0.1,
+        malformed: 0.1,
+        late: 0.1,
+        late_by_ms: LATE_BY_MS,
+    };
+    let sim = Simulator::new(SimConfig {
+        faults,
+        ..config(&broker, &prefix)
+    })
+    .unwrap();
+    let counters = sim.counters();
+    let report = sim
+        .run(tokio::time::sleep(Duration::from_millis(1_500)))
+        .await
+        .unwrap();
+    assert_eq!(counters.snapshot(), report);
+
+    // 30 nodes * 10 packs/s * 1.5 s, give or take scheduling: a real run, with every fault kind.
+    assert!(report.messages_published >= 150, "{report}");
+    assert_eq!(report.messages_acked, report.messages_published);
+    assert!(
+        report.malformed_messages > 0 && report.out_of_range_readings > 0,
+        "{report}"
+    );
+    assert!(report.late_readings > 0, "{report}");
+    assert_eq!(report.connection_errors, 0);
+
+    let received = sub.collect(report.messages_published as usize).await;
+    let mut readings = 0;
+    let mut out_of_range = 0;
+    let mut late = 0;
+    let mut malformed = 0;
+    let mut bytes = 0;
+    let mut per_node: HashMap<String, u64> = HashMap::new();
+    for r in &received {
+        bytes += r.payload.len() as u64;
+        let node = r
+            .topic
+            .strip_prefix(&format!("{prefix}/"))
+            .expect("topic under the prefix");
+        *per_node.entry(node.to_string()).or_default() += 1;
+        let Some((bn, bt, values)) = &r.pack else {
+            malformed += 1;
+            continue;
+        };
+        assert_eq!(bn, &format!("{node}/"));
+        assert_eq!(values.len(), SIM_METRICS.len());
+        readings += values.len() as u64;
+        if *bt < START_MS - LATE_BY_MS / 2 {
+            late += values.len() as u64;
+            assert!(*bt >= START_MS - LATE_BY_MS, "bt {bt}");
+        } else {
+            assert!(
+                (START_MS..START_MS + 60_000).contains(bt),
+                "event time {bt}"
+            );
+        }
+        for (v, m) in values.iter().zip(SIM_METRICS.iter()) {
+            let (lo, hi) = m.waveform.bounds();
+            if *v == m.out_of_range_value {
+                out_of_range += 1;
+            } else {
+                assert!((lo..=hi).contains(v), "{} = {v}", m.name);
+            }
+        }
+    }
+    assert_eq!(received.len() as u64, report.messages_published);
+    assert_eq!(readings, report.readings_published);
+    assert_eq!(malformed, report.malformed_messages);
+    assert_eq!(out_of_range, report.out_of_range_readings);
+    assert_eq!(late, report.late_readings);
+    assert_eq!(bytes, report.payload_bytes);
+    assert_eq!(per_node.len(), 30, "every node published");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_runs_deliver_every_message_too() {
+    let broker = broker();
+    let prefix = format!("edgewise-test/{}/sensors", unique("qos0"));
+    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
+
+    let cfg = SimConfig {
+        nodes: 10,
+        qos: 0,
+        connections: 2,
+        ..config(&broker, &prefix)
+    };
+    let report = Simulator::new(cfg)
+        .unwrap()
+        .run(tokio::time::sleep(Duration::from_millis(800)))
+        .await
+        .unwrap();
+    assert!(report.messages_published >= 40, "{report}");
+    assert_eq!(report.messages_acked, 0, "QoS 0 is not acknowledged");
+    assert_eq!(report.readings_published, 2 * report.messages_published);
+
+    let received = sub.collect(report.messages_published as usize).await;
+    assert_eq!(received.len() as u64, report.messages_published);
+    assert!(received.iter().all(|r| r.pack.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos1_publishes_survive_dropped_connections() {
+    let broker = broker();
+    let proxy = Proxy::start(&broker).await;
+    let prefix = format!("edgewise-test/{}/sensors", unique("cut"));
+    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
+
+    let via_proxy = BrokerAddr {
+        host: "127.0.0.1".into(),
+        port: proxy.port,
+    };
+    let faults = Faults {
+        malformed: 0.1,
+        ..Faults::default()
+    };
+    let cfg = SimConfig {
+        faults,
+        ..config(&via_proxy, &prefix)
+    };
+    let stop = async {
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(
+                proxy.cut(),
+                3,
+                "one proxied connection per simulator connection"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let report = Simulator::new(cfg).unwrap().run(stop).await.unwrap();
+    assert!(report.connection_errors >= 3, "{report}");
+    assert_eq!(report.messages_acked, report.messages_published);
+
+    // At least once: every message arrives, some possibly twice (acks lost in the cut).
+    let received = sub.collect(report.messages_published as usize).await;
+    let distinct: HashSet<(&str, &[u8])> = received
+        .iter()
+        .map(|r| (r.topic.as_str(), r.payload.as_slice()))
+        .collect();
+    let malformed = received.iter().filter(|r| r.pack.is_none()).count() as u64;
+    assert!(malformed >= report.malformed_messages, "{report}");
+    assert_eq!(distinct.len() as u64, report.messages_published, "{report}");
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_a_connect_error_not_a_hang() {
+    let port = free_port(); // released: nothing listens there now
+    let cfg = SimConfig {
+        broker_port: port,
+        connect_timeout_ms: 700,
+        ..config(
+            &BrokerAddr {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            "sensors",
+        )
+    };
+    let sim = Simulator::new(cfg).unwrap();
+    let counters = sim.counters();
+    let err = sim.run(std::future::pending()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SimError::Connect {
+                timeout_ms: 700,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert!(counters.snapshot().connection_errors >= 1);
+    assert_eq!(counters.snapshot().messages_published, 0);
+}
+
+#[test]
+fn invalid_configs_are_rejected_before_any_io() {
+    let cfg = SimConfig {
+        nodes: 0,
+        ..SimConfig::default()
+    };
+    assert!(matches!(Simulator::new(cfg), Err(SimError::Config(_))));
+}

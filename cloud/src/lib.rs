@@ -1,1 +1,28 @@
-//! stub
+//! The Edgewise ingestion receiver: authenticates devices, stores their window summaries exactly
+//! once in SQLite, and serves them back, with Prometheus metrics and a health check.
+//!
+//! # Layout
+//!
+//! - [`auth`]: device tokens (random, shown once, stored as SHA-256) and bearer header parsing.
+//! - [`store`]: the SQLite database ([`Store`]): schema migrations, devices, idempotent
+//!   one-transaction ingest keyed by `(device, stream, window start)` with revisions, queries.
+//! - [`metrics`]: per-receiver atomic counters ([`Metrics`]) rendered as Prometheus text.
+//! - [`api`]: the axum routes and handlers, request checks, and errors mapped to statuses.
+//! - [`server`]: [`Receiver`], a running server with graceful stop.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over these: `serve`, `device add|list|revoke`.
+//!
+//! Unit tests live in each module; `tests/api.rs` drives a real receiver over HTTP on loopback
+//! with a fresh SQLite file per test.
+
+pub mod api;
+pub mod auth;
+pub mod metrics;
+pub mod server;
+pub mod store;
+
+pub use api::{ApiError, MAX_SUMMARIES_PER_BATCH, ServerConfig};
+pub use auth::DeviceToken;
+pub use metrics::{Metrics, MetricsSnapshot, RejectReason};
+pub use server::Receiver;
+pub use store::{DeviceInfo, IngestOutcome, Store, StoreError, StoredSummary, SummaryQuery};

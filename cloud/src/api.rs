@@ -1,0 +1,336 @@
+//! HTTP routes, their handlers, and how each failure maps to a status.
+//!
+//! | Route                  | Answer                                                        |
+//! |------------------------|---------------------------------------------------------------|
+//! | `POST /v1/ingest`      | store a CBOR [`Batch`]; 200 `{"inserted","duplicates","revised"}` |
+//! | `GET /v1/devices`      | JSON list of [`DeviceInfo`]                                   |
+//! | `GET /v1/summaries`    | JSON list of [`StoredSummary`]; `device, stream, from, to, limit` |
+//! | `GET /metrics`         | Prometheus text 0.0.4                                         |
+//! | `GET /healthz`         | 200 `ok` when the database answers, else 503                  |
+//!
+//! Ingest checks, in order: bearer token (401), body size (413), CBOR batch and version (400),
+//! at most [`MAX_SUMMARIES_PER_BATCH`] summaries (400), `batch.agent_id` and every
+//! `summary.agent_id` equal to the authenticated device (403), every summary valid (400 naming
+//! the index and reason). Any refusal stores nothing: the batch is all or nothing.
+//! The token is checked before the body is read, so an unauthenticated client cannot make the
+//! receiver buffer a body.
+//!
+//! The query routes (`/v1/devices`, `/v1/summaries`) are NOT authenticated yet: put the receiver
+//! behind a private network or a proxy until operator auth lands.
+//!
+//! Errors answer `{"error": "<message>"}`; a 500 says only "internal server error" and the cause
+//! goes to the log. Tested through real HTTP in `tests/api.rs`.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use edgewise_protocol::Batch;
+use serde::Deserialize;
+use tower_http::trace::TraceLayer;
+
+use crate::auth::bearer_token;
+use crate::metrics::{Metrics, PROMETHEUS_CONTENT_TYPE, RejectReason};
+use crate::store::{
+    DEFAULT_QUERY_LIMIT, DeviceInfo, IngestOutcome, MAX_QUERY_LIMIT, Store, StoreError,
+    StoredSummary, SummaryQuery,
+};
+
+/// Most summaries accepted in one batch.
+pub const MAX_SUMMARIES_PER_BATCH: usize = 10_000;
+
+/// How the HTTP server treats requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Largest accepted request body; larger ones get 413. Default 1 MiB.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A refused request: its status and the message the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing, unknown or revoked device token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    /// The ingest body is not a batch this receiver reads.
+    #[error("{0}")]
+    Malformed(String),
+    /// The batch decodes but its content is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// A bad query parameter.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// The cause is logged, never sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Malformed(_) | ApiError::Invalid(_) | ApiError::BadRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The rejection counter an ingest refusal goes to (`None` for server faults).
+    pub fn reject_reason(&self) -> Option<RejectReason> {
+        match self {
+            ApiError::Unauthorized => Some(RejectReason::Unauthorized),
+            ApiError::Forbidden(_) => Some(RejectReason::Forbidden),
+            ApiError::Malformed(_) => Some(RejectReason::Malformed),
+            ApiError::Invalid(_) => Some(RejectReason::Invalid),
+            ApiError::PayloadTooLarge { .. } => Some(RejectReason::TooLarge),
+            ApiError::BadRequest(_) | ApiError::Internal(_) => None,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            // The handler checks these first; the store checks them again as its own invariant.
+            StoreError::ForeignSummary { .. } => ApiError::Forbidden(e.to_string()),
+            StoreError::InvalidSummary { .. } => ApiError::Invalid(e.to_string()),
+            // The device was removed between authentication and storing.
+            StoreError::UnknownDevice(_) => ApiError::Unauthorized,
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = match &self {
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "request failed");
+                "internal server error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        (status, Json(serde_json::json!({ "error": message }))).into_response()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    store: Store,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+}
+
+/// The receiver's routes over `store`, counting into `metrics`.
+pub fn router(store: Store, metrics: Arc<Metrics>, cfg: &ServerConfig) -> Router {
+    let state = AppState {
+        store,
+        metrics,
+        max_body_bytes: cfg.max_body_bytes,
+    };
+    Router::new()
+        .route("/v1/ingest", post(ingest))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/summaries", get(list_summaries))
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Runs a store call on the blocking pool.
+async fn blocking<T, F>(call: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::Internal(format!("database task failed: {e}"))),
+    }
+}
+
+async fn ingest(State(state): State<AppState>, request: Request) -> Response {
+    let response = match ingest_batch(&state, request).await {
+        Ok(outcome) => {
+            state.metrics.record_outcome(&outcome);
+            Json(outcome).into_response()
+        }
+        Err(e) => {
+            if let Some(reason) = e.reject_reason() {
+                state.metrics.record_rejection(reason);
+            }
+            if !matches!(e, ApiError::Internal(_)) {
+                tracing::debug!(error = %e, "ingest refused");
+            }
+            e.into_response()
+        }
+    };
+    state.metrics.record_ingest_status(response.status());
+    response
+}
+
+async fn ingest_batch(state: &AppState, request: Request) -> Result<IngestOutcome, ApiError> {
+    let token = bearer_token(request.headers())
+        .map_err(|_| ApiError::Unauthorized)?
+        .to_owned();
+    let store = state.store.clone();
+    let device = blocking(move || store.authenticate(&token))
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+
+    // Honours the DefaultBodyLimit layer (refuses early on a large Content-Length).
+    let body = Bytes::from_request(request, &())
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge {
+                    limit: state.max_body_bytes,
+                }
+            } else {
+                ApiError::Malformed(rejection.body_text())
+            }
+        })?;
+    let batch = Batch::from_cbor(&body).map_err(|e| ApiError::Malformed(e.to_string()))?;
+
+    if batch.summaries.len() > MAX_SUMMARIES_PER_BATCH {
+        return Err(ApiError::Invalid(format!(
+            "batch holds {} summaries; at most {MAX_SUMMARIES_PER_BATCH} are accepted per batch",
+            batch.summaries.len()
+        )));
+    }
+    if batch.agent_id != device {
+        return Err(ApiError::Forbidden(format!(
+            "batch agent_id {:?} is not the authenticated device {device:?}",
+            batch.agent_id
+        )));
+    }
+    if let Some((index, s)) = batch
+        .summaries
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.agent_id != device)
+    {
+        return Err(ApiError::Forbidden(format!(
+            "summary {index} has agent_id {:?}; device {device:?} may only write its own data",
+            s.agent_id
+        )));
+    }
+    for (index, s) in batch.summaries.iter().enumerate() {
+        s.validate()
+            .map_err(|reason| ApiError::Invalid(format!("summary {index} is invalid: {reason}")))?;
+    }
+
+    let store = state.store.clone();
+    blocking(move || store.ingest(&device, &batch.summaries)).await
+}
+
+async fn list_devices(State(state): State<AppState>) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
+    let store = state.store.clone();
+    Ok(Json(blocking(move || store.devices()).await?))
+}
+
+/// Raw `/v1/summaries` parameters; empty values count as absent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SummaryParams {
+    device: Option<String>,
+    stream: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<String>,
+}
+
+impl SummaryParams {
+    fn parse(self) -> Result<SummaryQuery, ApiError> {
+        let present = |v: Option<String>| v.filter(|s| !s.is_empty());
+        let millis = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
+            present(v)
+                .map(|s| {
+                    s.parse::<i64>().map_err(|_| {
+                        ApiError::BadRequest(format!(
+                            "{name} must be milliseconds since the Unix epoch (an integer), got {s:?}"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let from_ms = millis("from", self.from)?;
+        let to_ms = millis("to", self.to)?;
+        if let (Some(from), Some(to)) = (from_ms, to_ms)
+            && from >= to
+        {
+            return Err(ApiError::BadRequest(format!(
+                "from ({from}) must be before to ({to})"
+            )));
+        }
+        let limit = match present(self.limit) {
+            None => DEFAULT_QUERY_LIMIT,
+            Some(s) => match s.parse::<usize>() {
+                Ok(n) if (1..=MAX_QUERY_LIMIT).contains(&n) => n,
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "limit must be an integer from 1 to {MAX_QUERY_LIMIT}, got {s:?}"
+                    )));
+                }
+            },
+        };
+        Ok(SummaryQuery {
+            device: present(self.device),
+            stream: present(self.stream),
+            from_ms,
+            to_ms,
+            limit,
+        })
+    }
+}
+
+async fn list_summaries(
+    State(state): State<AppState>,
+    params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<StoredSummary>>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let query = params.parse()?;
+    let store = state.store.clone();
+    Ok(Json(blocking(move || store.summaries(&query)).await?))
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+        state.metrics.render_prometheus(),
+    )
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let store = state.store.clone();
+    match blocking(move || store.ping()).await {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check: database does not answer");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable").into_response()
+        }
+    }
+}

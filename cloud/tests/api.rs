@@ -1,0 +1,400 @@
+//! The receiver over real HTTP on loopback, with a fresh SQLite file per test.
+
+mod common;
+
+use common::{Harness, batch, summary, windows};
+use edgewise_cloud::{DeviceInfo, IngestOutcome, MetricsSnapshot, ServerConfig};
+use edgewise_protocol::Batch;
+use reqwest::StatusCode;
+
+const STREAM: &str = "node-1/temperature";
+const STREAM_Q: &str = "node-1%2Ftemperature";
+
+fn outcome(inserted: u64, duplicates: u64, revised: u64) -> IngestOutcome {
+    IngestOutcome {
+        inserted,
+        duplicates,
+        revised,
+    }
+}
+
+fn parse_outcome(body: &str) -> IngestOutcome {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not an ingest answer ({e}): {body}"))
+}
+
+#[tokio::test]
+async fn good_batch_is_stored_and_served_by_summaries_query() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    let sent = windows("gw-1", STREAM, 3);
+
+    let a = h
+        .post_ingest(Some(&token), batch("gw-1", sent.clone()))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(parse_outcome(&a.body), outcome(3, 0, 0));
+
+    let stored = h.summaries(&format!("device=gw-1&stream={STREAM_Q}")).await;
+    let got: Vec<_> = stored.iter().map(|s| s.summary.clone()).collect();
+    assert_eq!(got, sent);
+    assert!(stored.iter().all(|s| s.device_id == "gw-1"));
+
+    // The JSON is flat and carries the deterministic hex id.
+    let raw = h.get("/v1/summaries?device=gw-1&limit=1").await.json();
+    assert_eq!(raw[0]["id"], sent[0].id().to_string());
+    assert_eq!(raw[0]["mean"], 21.25);
+    assert_eq!(raw.as_array().map(Vec::len), Some(1));
+
+    // Time range is [from, to).
+    let from = sent[1].window_start_ms;
+    let to = sent[2].window_start_ms;
+    let ranged = h.summaries(&format!("from={from}&to={to}")).await;
+    assert_eq!(ranged.len(), 1);
+    assert_eq!(ranged[0].summary, sent[1]);
+    assert!(h.summaries("device=gw-2").await.is_empty());
+
+    let devices: Vec<DeviceInfo> = serde_json::from_str(&h.get("/v1/devices").await.body).unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].id, "gw-1");
+    assert_eq!(devices[0].summary_count, 3);
+    assert!(devices[0].last_seen_ms.is_some());
+}
+
+#[tokio::test]
+async fn same_batch_twice_is_stored_once_and_reported_as_duplicates() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    let body = batch("gw-1", windows("gw-1", STREAM, 4));
+
+    let first = h.post_ingest(Some(&token), body.clone()).await;
+    assert_eq!(parse_outcome(&first.body), outcome(4, 0, 0));
+    let second = h.post_ingest(Some(&token), body).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(parse_outcome(&second.body), outcome(0, 4, 0));
+    assert_eq!(h.summaries("").await.len(), 4);
+}
+
+#[tokio::test]
+async fn higher_revision_replaces_and_lower_is_a_duplicate() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    let rev0 = summary("gw-1", STREAM, 0, 0);
+    let mut rev2 = summary("gw-1", STREAM, 0, 2);
+    rev2.count = 11;
+    h.post_ingest(Some(&token), batch("gw-1", vec![rev0.clone()]))
+        .await;
+
+    let a = h
+        .post_ingest(Some(&token), batch("gw-1", vec![rev2.clone()]))
+        .await;
+    assert_eq!(parse_outcome(&a.body), outcome(0, 0, 1));
+    let a = h
+        .post_ingest(
+            Some(&token),
+            batch("gw-1", vec![summary("gw-1", STREAM, 0, 1)]),
+        )
+        .await;
+    assert_eq!(parse_outcome(&a.body), outcome(0, 1, 0));
+
+    let stored = h.summaries("").await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].summary, rev2);
+}
+
+#[tokio::test]
+async fn missing_wrong_or_revoked_token_is_401() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    let body = batch("gw-1", windows("gw-1", STREAM, 1));
+
+    let none = h.post_ingest(None, body.clone()).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    assert!(!none.error().is_empty());
+
+    let wrong = h.post_ingest(Some("0123456789abcdef"), body.clone()).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+
+    let basic = h
+        .client
+        .post(h.url("/v1/ingest"))
+        .header("authorization", format!("Basic {token}"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), StatusCode::UNAUTHORIZED);
+
+    assert!(h.store.revoke_device("gw-1").unwrap());
+    let revoked = h.post_ingest(Some(&token), body).await;
+    assert_eq!(revoked.status, StatusCode::UNAUTHORIZED);
+
+    assert!(h.summaries("").await.is_empty());
+    assert_eq!(h.receiver.metrics().snapshot().rejected_unauthorized, 4);
+}
+
+#[tokio::test]
+async fn device_writing_another_devices_data_is_403_and_nothing_is_stored() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    h.add_device("gw-2");
+
+    // The batch claims to be gw-2.
+    let a = h
+        .post_ingest(Some(&token), batch("gw-2", windows("gw-2", STREAM, 2)))
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(a.error().contains("gw-2"), "{}", a.body);
+
+    // The batch is gw-1's, but its second summary is gw-2's.
+    let mut mixed = windows("gw-1", STREAM, 2);
+    mixed[1].agent_id = "gw-2".to_owned();
+    let a = h.post_ingest(Some(&token), batch("gw-1", mixed)).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN);
+    assert!(a.error().contains("summary 1"), "{}", a.body);
+
+    assert!(h.summaries("").await.is_empty());
+    assert_eq!(h.receiver.metrics().snapshot().rejected_forbidden, 2);
+}
+
+#[tokio::test]
+async fn garbage_or_unknown_version_is_400_with_a_message() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+
+    let a = h
+        .post_ingest(Some(&token), b"{\"not\": \"cbor\"}".to_vec())
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.error().contains("not a CBOR batch"), "{}", a.body);
+
+    let a = h.post_ingest(Some(&token), Vec::new()).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+
+    let mut future = Batch::new("gw-1".to_owned(), 0, windows("gw-1", STREAM, 1));
+    future.version = 7;
+    let a = h.post_ingest(Some(&token), future.to_cbor()).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.error().contains("version 7"), "{}", a.body);
+
+    assert!(h.summaries("").await.is_empty());
+    assert_eq!(h.receiver.metrics().snapshot().rejected_malformed, 3);
+}
+
+#[tokio::test]
+async fn invalid_summary_is_400_naming_index_and_reason_and_nothing_is_stored() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+
+    let mut nan = windows("gw-1", STREAM, 3);
+    nan[2].mean = f64::NAN;
+    let a = h.post_ingest(Some(&token), batch("gw-1", nan)).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let msg = a.error();
+    assert!(msg.contains("summary 2") && msg.contains("mean"), "{msg}");
+
+    let mut empty = windows("gw-1", STREAM, 2);
+    empty[1].count = 0;
+    let a = h.post_ingest(Some(&token), batch("gw-1", empty)).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let msg = a.error();
+    assert!(
+        msg.contains("summary 1") && msg.contains("count is 0"),
+        "{msg}"
+    );
+
+    assert!(h.summaries("").await.is_empty());
+    assert_eq!(h.receiver.metrics().snapshot().rejected_invalid, 2);
+}
+
+#[tokio::test]
+async fn more_than_10000_summaries_is_400() {
+    let h = Harness::start_with(ServerConfig {
+        max_body_bytes: 8 * 1024 * 1024,
+    })
+    .await;
+    let token = h.add_device("gw-1");
+    let a = h
+        .post_ingest(Some(&token), batch("gw-1", windows("gw-1", STREAM, 10_001)))
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(a.error().contains("10001"), "{}", a.body);
+    assert!(h.summaries("").await.is_empty());
+
+    let a = h
+        .post_ingest(Some(&token), batch("gw-1", windows("gw-1", STREAM, 10_000)))
+        .await;
+    assert_eq!(parse_outcome(&a.body), outcome(10_000, 0, 0));
+}
+
+#[tokio::test]
+async fn oversize_body_is_413_and_nothing_is_stored() {
+    let limit = 64 * 1024;
+    let h = Harness::start_with(ServerConfig {
+        max_body_bytes: limit,
+    })
+    .await;
+    let token = h.add_device("gw-1");
+    let big = batch("gw-1", windows("gw-1", STREAM, 2_000));
+    assert!(big.len() > limit);
+
+    let a = h.post_ingest(Some(&token), big).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", a.body);
+    assert!(a.error().contains("65536"), "{}", a.body);
+    assert!(h.summaries("").await.is_empty());
+    assert_eq!(h.receiver.metrics().snapshot().rejected_too_large, 1);
+
+    // A body under the limit still goes through.
+    let small = batch("gw-1", windows("gw-1", STREAM, 10));
+    assert!(small.len() < limit);
+    let a = h.post_ingest(Some(&token), small).await;
+    assert_eq!(parse_outcome(&a.body), outcome(10, 0, 0));
+}
+
+#[tokio::test]
+async fn summaries_query_rejects_bad_parameters_with_a_message() {
+    let h = Harness::start().await;
+    for query in [
+        "from=yesterday",
+        "to=1.5",
+        "from=10&to=10",
+        "from=20&to=10",
+        "limit=0",
+        "limit=10001",
+        "limit=-1",
+        "colour=red",
+    ] {
+        let a = h.get(&format!("/v1/summaries?{query}")).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{query}: {}", a.body);
+        assert!(!a.error().is_empty(), "{query}");
+    }
+    // Empty values mean "not given"; the upper limit is allowed.
+    assert!(
+        h.summaries("device=&stream=&from=&to=&limit=10000")
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_every_outcome() {
+    let h = Harness::start_with(ServerConfig {
+        max_body_bytes: 16 * 1024,
+    })
+    .await;
+    let token = h.add_device("gw-1");
+    let two = batch("gw-1", windows("gw-1", STREAM, 2));
+    let mut invalid = windows("gw-1", STREAM, 1);
+    invalid[0].count = 0;
+
+    h.post_ingest(Some(&token), two.clone()).await; // 2 inserted
+    h.post_ingest(Some(&token), two).await; // 2 duplicates
+    h.post_ingest(
+        Some(&token),
+        batch("gw-1", vec![summary("gw-1", STREAM, 0, 0)]),
+    )
+    .await; // 1 inserted
+    h.post_ingest(
+        Some(&token),
+        batch("gw-1", vec![summary("gw-1", STREAM, 0, 3)]),
+    )
+    .await; // 1 revised
+    h.post_ingest(None, Vec::new()).await; // unauthorized
+    h.post_ingest(Some(&token), batch("gw-9", windows("gw-9", STREAM, 1)))
+        .await; // forbidden
+    h.post_ingest(Some(&token), b"garbage".to_vec()).await; // malformed
+    h.post_ingest(Some(&token), batch("gw-1", invalid)).await; // invalid
+    h.post_ingest(Some(&token), batch("gw-1", windows("gw-1", STREAM, 500)))
+        .await; // too large
+
+    let expected = MetricsSnapshot {
+        ingest_requests_2xx: 4,
+        ingest_requests_4xx: 5,
+        ingest_requests_5xx: 0,
+        summaries_inserted: 3,
+        summaries_duplicate: 2,
+        summaries_revised: 1,
+        rejected_unauthorized: 1,
+        rejected_forbidden: 1,
+        rejected_malformed: 1,
+        rejected_invalid: 1,
+        rejected_too_large: 1,
+    };
+    assert_eq!(h.receiver.metrics().snapshot(), expected);
+
+    let response = h.client.get(h.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    let text = response.text().await.unwrap();
+    for line in [
+        "edgewise_ingest_requests_total{class=\"2xx\"} 4",
+        "edgewise_ingest_requests_total{class=\"4xx\"} 5",
+        "edgewise_ingest_requests_total{class=\"5xx\"} 0",
+        "edgewise_summaries_total{outcome=\"inserted\"} 3",
+        "edgewise_summaries_total{outcome=\"duplicate\"} 2",
+        "edgewise_summaries_total{outcome=\"revised\"} 1",
+        "edgewise_ingest_rejected_batches_total{reason=\"unauthorized\"} 1",
+        "edgewise_ingest_rejected_batches_total{reason=\"forbidden\"} 1",
+        "edgewise_ingest_rejected_batches_total{reason=\"malformed\"} 1",
+        "edgewise_ingest_rejected_batches_total{reason=\"invalid\"} 1",
+        "edgewise_ingest_rejected_batches_total{reason=\"too_large\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn healthz_answers_ok() {
+    let h = Harness::start().await;
+    let a = h.get("/healthz").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body, "ok");
+}
+
+#[tokio::test]
+async fn restart_on_the_same_port_and_db_keeps_serving_its_data() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    let sent = windows("gw-1", STREAM, 5);
+    let a = h
+        .post_ingest(Some(&token), batch("gw-1", sent.clone()))
+        .await;
+    assert_eq!(parse_outcome(&a.body), outcome(5, 0, 0));
+    let addr = h.receiver.local_addr();
+
+    let h = h.restart(ServerConfig::default()).await;
+    assert_eq!(h.receiver.local_addr(), addr);
+
+    let stored = h.summaries("device=gw-1").await;
+    let got: Vec<_> = stored.into_iter().map(|s| s.summary).collect();
+    assert_eq!(got, sent);
+    // The token still works, and the old windows are recognised as duplicates.
+    let a = h.post_ingest(Some(&token), batch("gw-1", sent)).await;
+    assert_eq!(parse_outcome(&a.body), outcome(0, 5, 0));
+    // Metrics belong to the new receiver instance.
+    assert_eq!(h.receiver.metrics().snapshot().summaries_duplicate, 5);
+    assert_eq!(h.receiver.metrics().snapshot().summaries_inserted, 0);
+    h.receiver.stop().await;
+}
+
+#[tokio::test]
+async fn stop_closes_the_listener() {
+    let h = Harness::start().await;
+    let addr = h.receiver.local_addr();
+    assert_eq!(h.get("/healthz").await.status, StatusCode::OK);
+    h.receiver.stop().await;
+    let refused = common::client()
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await;
+    assert!(refused.is_err(), "a stopped receiver still answered");
+}

@@ -38,7 +38,10 @@ impl core::fmt::Display for BatchError {
         match self {
             Self::Malformed(e) => write!(f, "body is not a CBOR batch: {e}"),
             Self::UnsupportedVersion(v) => {
-                write!(f, "batch version {v} is not supported (this receiver reads {BATCH_VERSION})")
+                write!(
+                    f,
+                    "batch version {v} is not supported (this receiver reads {BATCH_VERSION})"
+                )
             }
         }
     }
@@ -49,7 +52,12 @@ impl std::error::Error for BatchError {}
 
 impl Batch {
     pub fn new(agent_id: String, sent_at_ms: i64, summaries: Vec<WindowSummary>) -> Self {
-        Batch { version: BATCH_VERSION, agent_id, sent_at_ms, summaries }
+        Batch {
+            version: BATCH_VERSION,
+            agent_id,
+            sent_at_ms,
+            summaries,
+        }
     }
 
     pub fn to_cbor(&self) -> Vec<u8> {
@@ -84,9 +92,18 @@ mod tests {
     fn refuses_unknown_versions_and_garbage() {
         let mut b = Batch::new("gw-1".to_string(), 42, vec![]);
         b.version = 9;
-        assert!(matches!(Batch::from_cbor(&b.to_cbor()), Err(BatchError::UnsupportedVersion(9))));
-        assert!(matches!(Batch::from_cbor(b"{\"json\": 1}"), Err(BatchError::Malformed(_))));
-        assert!(matches!(Batch::from_cbor(&[]), Err(BatchError::Malformed(_))));
+        assert!(matches!(
+            Batch::from_cbor(&b.to_cbor()),
+            Err(BatchError::UnsupportedVersion(9))
+        ));
+        assert!(matches!(
+            Batch::from_cbor(b"{\"json\": 1}"),
+            Err(BatchError::Malformed(_))
+        ));
+        assert!(matches!(
+            Batch::from_cbor(&[]),
+            Err(BatchError::Malformed(_))
+        ));
     }
 
     proptest! {

@@ -96,8 +96,18 @@ mod tests {
     fn encodes_a_pack_that_minicbor_reads_back() {
         let mut buf = [0u8; 128];
         let recs = [
-            Record { name: "temp", unit: Some("Cel"), value: 21.5, time_offset_s: 0.0 },
-            Record { name: "hum", unit: None, value: 40.0, time_offset_s: 1.0 },
+            Record {
+                name: "temp",
+                unit: Some("Cel"),
+                value: 21.5,
+                time_offset_s: 0.0,
+            },
+            Record {
+                name: "hum",
+                unit: None,
+                value: 40.0,
+                time_offset_s: 1.0,
+            },
         ];
         let n = encode_pack("node-1/", 1_700_000_000.0, &recs, &mut buf).unwrap();
         let mut d = minicbor::Decoder::new(&buf[..n]);
@@ -121,7 +131,15 @@ mod tests {
     #[test]
     fn too_small_a_buffer_is_an_error_not_a_panic() {
         let mut buf = [0u8; 8];
-        let recs = [Record { name: "temp", unit: None, value: 1.0, time_offset_s: 0.0 }];
-        assert_eq!(encode_pack("node-1/", 0.0, &recs, &mut buf), Err(BufferTooSmall));
+        let recs = [Record {
+            name: "temp",
+            unit: None,
+            value: 1.0,
+            time_offset_s: 0.0,
+        }];
+        assert_eq!(
+            encode_pack("node-1/", 0.0, &recs, &mut buf),
+            Err(BufferTooSmall)
+        );
     }
 }

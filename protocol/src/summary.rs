@@ -126,7 +126,12 @@ impl WindowSummary {
     pub const MAX_NAME_BYTES: usize = 256;
 
     pub fn id(&self) -> SummaryId {
-        SummaryId::new(&self.agent_id, &self.stream, self.window_start_ms, self.revision)
+        SummaryId::new(
+            &self.agent_id,
+            &self.stream,
+            self.window_start_ms,
+            self.revision,
+        )
     }
 
     /// Checks what every receiver must check before storing a summary.
@@ -212,7 +217,10 @@ pub(crate) mod tests {
         b.revision = 1;
         assert_ne!(a.id(), b.id());
         // Length prefixes keep ("ab", "c") and ("a", "bc") apart.
-        assert_ne!(SummaryId::new("ab", "c", 0, 0), SummaryId::new("a", "bc", 0, 0));
+        assert_ne!(
+            SummaryId::new("ab", "c", 0, 0),
+            SummaryId::new("a", "bc", 0, 0)
+        );
         assert_eq!(a.id().to_string().len(), 32);
     }
 

@@ -5,15 +5,13 @@
 //! else an embedded rumqttd started once per test binary on a free loopback port. Every test
 //! uses fresh client ids and topics, so tests and concurrent runs never see each other's traffic.
 
-use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use edgewise_protocol::senml::label;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 /// Where the test broker listens.
 #[derive(Debug, Clone)]
@@ -24,23 +22,23 @@ pub struct BrokerAddr {
 
 pub fn broker() -> BrokerAddr {
     if let Ok(url) = std::env::var("EDGEWISE_TEST_MQTT_URL") {
-        let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
-        let (host, port) = rest
-            .trim_end_matches('/')
-            .rsplit_once(':')
-            .unwrap_or((rest, "1883"));
-        let port = port
-            .parse()
-            .unwrap_or_else(|_| panic!("bad port in EDGEWISE_TEST_MQTT_URL={url}"));
-        return BrokerAddr {
-            host: host.to_string(),
-            port,
-        };
+        let (host, port) = edgewise_agent::config::parse_mqtt_url(&url)
+            .unwrap_or_else(|e| panic!("EDGEWISE_TEST_MQTT_URL: {e}"));
+        return BrokerAddr { host, port };
     }
+    // One embedded broker (the agent's, the same the demo runs) per test binary.
     static EMBEDDED: OnceLock<u16> = OnceLock::new();
     BrokerAddr {
         host: "127.0.0.1".into(),
-        port: *EMBEDDED.get_or_init(start_embedded_broker),
+        port: *EMBEDDED.get_or_init(|| {
+            edgewise_agent::broker::EmbeddedBroker::start(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                1 << 20,
+            )
+            .expect("embedded broker")
+            .addr
+            .port()
+        }),
     }
 }
 
@@ -48,53 +46,6 @@ pub fn broker() -> BrokerAddr {
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local addr").port()
-}
-
-/// Start rumqttd on its own thread (`start()` blocks) and wait until it accepts connections.
-pub fn start_embedded_broker() -> u16 {
-    let port = free_port();
-    let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let server = ServerSettings {
-        name: "v4-test".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 1 << 20,
-            max_inflight_count: 500,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections: 10_010,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 10 * 1024 * 1024,
-            max_segment_count: 10,
-            ..RouterConfig::default()
-        },
-        v4: Some(HashMap::from([("v4-test".to_string(), server)])),
-        ..Config::default()
-    };
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            if let Err(e) = Broker::new(config).start() {
-                eprintln!("embedded rumqttd stopped: {e}");
-            }
-        })
-        .expect("spawn the broker thread");
-    for _ in 0..500 {
-        if TcpStream::connect(listen).is_ok() {
-            return port;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("embedded rumqttd did not listen on {listen} within 5 s");
 }
 
 /// A name unique to this process and call, for client ids and topics.

@@ -1,0 +1,234 @@
+//! MQTT ingest: the broker connection and the group-commit loop that feeds the [`Pipeline`].
+//!
+//! Two tasks:
+//! - [`run_connection`] polls the rumqttc `EventLoop` (and nothing else, as rumqttc requires),
+//!   re-subscribes on every ConnAck, backs off on errors, and forwards each publish into a bounded
+//!   channel. A full channel stops the polling: the broker then holds the messages (backpressure),
+//!   memory does not grow.
+//! - [`run_pipeline`] takes messages in batches (up to `commit_max_messages`, or what arrived
+//!   within `commit_interval_ms` of the first), runs [`Pipeline::ingest`] on the blocking pool,
+//!   and only after the commit acks the batch's messages, in the order received. It also closes
+//!   due windows on a timer and wakes the uploader.
+//!
+//! The session is persistent (`clean_session = false`, fixed client id) with manual acks: a
+//! message received but not yet durable is redelivered by the broker after a reconnect or restart,
+//! and the journal's unique key makes that redelivery harmless.
+//!
+//! Tested end to end against a real broker in `tests/`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::config::{AgentConfig, parse_mqtt_url};
+use crate::metrics::Metrics;
+use crate::pipeline::{Message, Pipeline};
+
+/// MQTT packet ids are 16 bits, so a connection never has more unacked QoS 1 messages than this.
+/// Sizing the request channel above it means an ack can never wait for a full channel while the
+/// event loop waits for the pipeline: no deadlock.
+const REQUEST_CHANNEL_CAPACITY: usize = u16::MAX as usize + 64;
+
+/// Builds the client and its event loop from the config.
+pub fn connect(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop), String> {
+    let (host, port) = parse_mqtt_url(&cfg.mqtt.url)?;
+    let mut opts = MqttOptions::new(cfg.client_id(), host, port);
+    opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_seconds))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(cfg.mqtt.max_packet_bytes, cfg.mqtt.max_packet_bytes);
+    Ok(AsyncClient::new(opts, REQUEST_CHANNEL_CAPACITY))
+}
+
+/// Polls the connection until `stopping` is set and the disconnect went out (or failed).
+pub async fn run_connection(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    topics: Vec<String>,
+    tx: mpsc::Sender<Publish>,
+    metrics: Arc<Metrics>,
+    max_backoff: Duration,
+    stopping: Arc<AtomicBool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                // A closed channel means the pipeline stopped: the message stays unacked and the
+                // broker redelivers it to the next run.
+                let _ = tx.send(p).await;
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = Duration::from_millis(100);
+                metrics.mqtt_connections.inc();
+                metrics.mqtt_connected.set(1);
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                let client = client.clone();
+                let filters: Vec<_> = topics
+                    .iter()
+                    .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
+                    .collect();
+                tokio::spawn(async move {
+                    if let Err(e) = client.subscribe_many(filters).await {
+                        tracing::warn!(error = %e, "subscribe request failed");
+                    }
+                });
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => metrics.mqtt_subscribed.set(1),
+            Ok(Event::Outgoing(Outgoing::Disconnect)) if stopping.load(Ordering::Relaxed) => {
+                metrics.mqtt_connected.set(0);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                metrics.mqtt_connected.set(0);
+                metrics.mqtt_subscribed.set(0);
+                if stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                metrics.mqtt_connection_errors.inc();
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock.
+pub fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Settings of the group-commit loop.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    pub max_messages: usize,
+    pub max_wait: Duration,
+    /// How often due windows are closed when no message arrives.
+    pub tick: Duration,
+}
+
+impl BatchPolicy {
+    pub fn from_config(cfg: &AgentConfig) -> Self {
+        let idle = Duration::from_millis(cfg.window.idle_timeout_ms);
+        BatchPolicy {
+            max_messages: cfg.ingest.commit_max_messages,
+            max_wait: cfg.commit_interval(),
+            tick: (idle / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true (or the channel closes). The batch in hand is committed and
+/// acked before returning; messages still in the channel are left unacked for redelivery.
+pub async fn run_pipeline(
+    mut pipeline: Pipeline,
+    mut rx: mpsc::Receiver<Publish>,
+    client: AsyncClient,
+    policy: BatchPolicy,
+    metrics: Arc<Metrics>,
+    outbox_ready: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let origin = Instant::now();
+    let mut batch: Vec<Publish> = Vec::with_capacity(policy.max_messages);
+    let mut retry_delay = Duration::from_millis(50);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(p) => batch.push(p),
+                    None => return,
+                },
+                _ = tokio::time::sleep(policy.tick) => {}
+                _ = shutdown.changed() => return,
+            }
+            if !batch.is_empty() {
+                let deadline = Instant::now() + policy.max_wait;
+                while batch.len() < policy.max_messages {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                                Ok(Some(p)) => batch.push(p),
+                                _ => break,
+                            }
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    }
+                }
+            }
+        }
+
+        let proc_ms = origin.elapsed().as_millis() as i64;
+        let joined = tokio::task::spawn_blocking(move || {
+            let msgs: Vec<Message<'_>> = batch
+                .iter()
+                .map(|p| Message {
+                    topic: &p.topic,
+                    payload: &p.payload,
+                })
+                .collect();
+            let committed = if msgs.is_empty() {
+                Ok(())
+            } else {
+                pipeline.ingest(&msgs, wall_ms(), proc_ms)
+            };
+            let closed = pipeline.close_due(proc_ms);
+            drop(msgs);
+            (pipeline, batch, committed, closed)
+        })
+        .await;
+        let (p, b, committed, closed) = match joined {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down; nothing was acked for this batch.
+            Err(_) => return,
+        };
+        pipeline = p;
+        batch = b;
+
+        match committed {
+            Ok(()) => {
+                retry_delay = Duration::from_millis(50);
+                for publish in batch.drain(..) {
+                    if client.ack(&publish).await.is_ok() {
+                        metrics.acks_sent.inc();
+                    }
+                }
+            }
+            Err(e) => {
+                // Nothing was acked or applied; keep the batch and retry (disk full, locked...).
+                metrics.store_errors.inc();
+                tracing::error!(error = %e, retry_in_ms = retry_delay.as_millis() as u64, "journal commit failed; retrying the batch");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry_delay) => {}
+                    _ = shutdown.changed() => return,
+                }
+                retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+            }
+        }
+        match closed {
+            Ok(0) => {}
+            Ok(_) => outbox_ready.notify_one(),
+            Err(e) => {
+                metrics.store_errors.inc();
+                tracing::error!(error = %e, "closing windows failed; will retry");
+            }
+        }
+    }
+}

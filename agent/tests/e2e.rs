@@ -1,0 +1,231 @@
+//! End to end on loopback: a real broker, the agent, a real receiver on SQLite.
+//!
+//! Each test publishes a known set of readings and asserts the exact summaries stored at the
+//! receiver, under normal operation, with the receiver down, and across agent restarts.
+
+mod common;
+
+use common::*;
+use edgewise_agent::Agent;
+
+/// Aligned to a 10 s window boundary.
+const T0: i64 = 1_700_000_000_000;
+
+/// Two nodes, two windows each, known statistics, plus an out-of-range reading.
+fn known_readings(setup: &Setup) -> Vec<(String, Vec<u8>)> {
+    let mut m = Vec::new();
+    for (node, base) in [("n1", 20.0), ("n2", 10.0)] {
+        for i in 0..5 {
+            // window 0: base + 0..4, window 1: base + 10..14
+            m.push((
+                setup.topic(node),
+                temperature(node, T0 + i * 1000, base + i as f64),
+            ));
+            m.push((
+                setup.topic(node),
+                temperature(node, T0 + 10_000 + i * 1000, base + 10.0 + i as f64),
+            ));
+        }
+    }
+    m.push((setup.topic("n1"), temperature("n1", T0 + 500, 1000.0)));
+    m
+}
+
+fn assert_known_summaries(setup: &Setup) {
+    let stored = setup.cloud.stored();
+    let got: Vec<(String, i64, u64, f64, f64, f64)> = stored
+        .iter()
+        .map(|s| {
+            let s = &s.summary;
+            (
+                s.stream.clone(),
+                s.window_start_ms - T0,
+                s.count,
+                s.min,
+                s.max,
+                s.mean,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("n1/temperature".to_string(), 0, 5, 20.0, 24.0, 22.0),
+            ("n1/temperature".to_string(), 10_000, 5, 30.0, 34.0, 32.0),
+            ("n2/temperature".to_string(), 0, 5, 10.0, 14.0, 12.0),
+            ("n2/temperature".to_string(), 10_000, 5, 20.0, 24.0, 22.0),
+        ]
+    );
+    for s in &stored {
+        assert!((s.summary.stddev - 2f64.sqrt()).abs() < 1e-12);
+        assert_eq!(s.summary.revision, 0);
+        assert_eq!(s.summary.unit.as_deref(), Some("Cel"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_readings_become_exact_summaries_at_the_cloud() {
+    let setup = Setup::new();
+    let receiver = setup.cloud.start(free_addr()).await;
+    let agent = Agent::start(setup.agent_config(receiver.local_addr()))
+        .await
+        .unwrap();
+    subscribed(&agent).await;
+
+    publish_all(&setup.broker, &known_readings(&setup)).await;
+    let m = agent.metrics().clone();
+    wait_until(15, "4 summaries synced", || m.summaries_synced.get() == 4).await;
+
+    assert_eq!(m.readings_accepted.get(), 20);
+    assert_eq!(m.readings_rejected.get("out_of_range"), 1);
+    assert_eq!(m.acks_sent.get(), 21);
+    assert_known_summaries(&setup);
+    agent.stop().await;
+    receiver.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_down_for_part_of_the_run_loses_and_duplicates_nothing() {
+    let setup = Setup::new();
+    let cloud_addr = free_addr(); // nothing listens here yet
+    let agent = Agent::start(setup.agent_config(cloud_addr)).await.unwrap();
+    subscribed(&agent).await;
+
+    publish_all(&setup.broker, &known_readings(&setup)).await;
+    let m = agent.metrics().clone();
+    wait_until(15, "4 windows closed and upload failing", || {
+        m.windows_closed.get() == 4 && m.sync_failures.get() >= 2
+    })
+    .await;
+    assert_eq!(m.summaries_synced.get(), 0);
+    assert!(setup.cloud.stored().is_empty());
+
+    let receiver = setup.cloud.start(cloud_addr).await;
+    wait_until(15, "the outbox drained", || {
+        m.summaries_synced.get() == 4 && m.outbox_rows.get() == 0
+    })
+    .await;
+    assert_known_summaries(&setup);
+    agent.stop().await;
+    receiver.stop().await;
+}
+
+/// How the first agent run ends, mid-window.
+#[derive(Clone, Copy)]
+enum Interruption {
+    /// `Agent::stop`: the batch in hand is committed and acked.
+    CleanStop,
+    /// Every task aborted at once: acks in flight are lost, so the broker redelivers messages
+    /// that are already journaled, and they must not be counted twice.
+    Crash,
+}
+
+/// Publishes half of the readings, interrupts the agent, starts a new one on the same
+/// database and session, publishes the rest, and checks the exact summaries at the cloud.
+async fn interrupted_mid_window(how: Interruption) {
+    let setup = Setup::new();
+    let receiver = setup.cloud.start(free_addr()).await;
+    let cfg = setup.agent_config(receiver.local_addr());
+    let all = known_readings(&setup);
+    let (first, second) = all.split_at(all.len() / 2);
+
+    // First run: the idle timeout is far away, so every window is still open when it ends.
+    let mut long_idle = cfg.clone();
+    long_idle.window.idle_timeout_ms = 600_000;
+    let agent = Agent::start(long_idle).await.unwrap();
+    subscribed(&agent).await;
+    publish_all(&setup.broker, first).await;
+    let m = agent.metrics().clone();
+    match how {
+        Interruption::CleanStop => {
+            let n = first.len() as u64;
+            wait_until(10, "the first half acked", || m.acks_sent.get() == n).await;
+            agent.stop().await;
+        }
+        Interruption::Crash => {
+            wait_until(10, "some readings journaled", || {
+                m.journal_commits.get() >= 1
+            })
+            .await;
+            agent.abort();
+        }
+    }
+
+    // Second run: rebuilt from the journal, receives the rest (and any redeliveries).
+    let agent = Agent::start(cfg).await.unwrap();
+    subscribed(&agent).await;
+    publish_all(&setup.broker, second).await;
+    wait_until(15, "4 summaries stored", || setup.cloud.stored().len() == 4).await;
+    assert_known_summaries(&setup);
+    agent.stop().await;
+    receiver.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restarted_mid_window_still_reports_the_exact_window() {
+    interrupted_mid_window(Interruption::CleanStop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_crashed_mid_window_loses_nothing_it_acked() {
+    interrupted_mid_window(Interruption::Crash).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_are_counted_dead_lettered_and_survived() {
+    let setup = Setup::new();
+    let receiver = setup.cloud.start(free_addr()).await;
+    let cfg = setup.agent_config(receiver.local_addr());
+    let db = cfg.store.path.clone();
+    let agent = Agent::start(cfg).await.unwrap();
+    subscribed(&agent).await;
+
+    let topic = setup.topic("n1");
+    let mut msgs: Vec<(String, Vec<u8>)> = vec![
+        (topic.clone(), b"".to_vec()),
+        (topic.clone(), b"{not json".to_vec()),
+        (topic.clone(), vec![0x9f, 0xff, 0x00, 0x13]),
+        (topic.clone(), b"[{\"n\":\"x\",\"v\":\"text\"}]".to_vec()),
+        (topic.clone(), vec![0xff; 5000]),
+        (
+            topic.clone(),
+            b"[{\"bn\":\"n1/\",\"n\":\"temperature\",\"v\":1e999}]".to_vec(),
+        ),
+    ];
+    msgs.push((topic.clone(), temperature("n1", T0, 21.0)));
+    msgs.push((
+        topic.clone(),
+        b"{\"value\": 22.0, \"ts\": 1700000001000}".to_vec(),
+    ));
+    publish_all(&setup.broker, &msgs).await;
+    let m = agent.metrics().clone();
+    wait_until(10, "every message handled", || {
+        m.messages_received.get() == msgs.len() as u64
+    })
+    .await;
+    assert_eq!(m.readings_accepted.get(), 2, "two good readings");
+    assert!(m.messages_rejected.total() >= 4, "{}", m.render());
+    // The agent is still healthy and serving.
+    let health = reqwest::get(format!("http://{}/healthz", agent.http_addr()))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let metrics = reqwest::get(format!("http://{}/metrics", agent.http_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("edgewise_agent_messages_rejected_total{reason="));
+    agent.stop().await;
+    receiver.stop().await;
+    let dead = edgewise_agent::store::Store::open(&db, 100)
+        .unwrap()
+        .dead_letters(100)
+        .unwrap();
+    assert_eq!(dead.len() as u64, m.messages_rejected.total());
+    assert!(
+        dead.iter()
+            .all(|d| d.topic == topic && !d.reason.is_empty())
+    );
+}

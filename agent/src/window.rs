@@ -112,6 +112,7 @@ impl Accumulator {
             last_value: self.last.1,
             last_time_ms: self.last.0,
             unit: self.unit.clone(),
+            score: None,
         }
     }
 }

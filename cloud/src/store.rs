@@ -217,6 +217,7 @@ impl From<FlatSummary> for StoredSummary {
                 last_value: f.last_value,
                 last_time_ms: f.last_time_ms,
                 unit: f.unit,
+                score: None,
             },
             received_at_ms: f.received_at_ms,
         }
@@ -540,6 +541,7 @@ fn stored_summary_from_row(row: &Row<'_>) -> rusqlite::Result<StoredSummary> {
             last_value: row.get(12)?,
             last_time_ms: row.get(13)?,
             unit: row.get(14)?,
+            score: None,
         },
         device_id,
         received_at_ms: row.get(15)?,
@@ -583,6 +585,7 @@ mod tests {
             last_value: 22.0,
             last_time_ms: start_ms + 9_500,
             unit: Some("Cel".to_owned()),
+            score: None,
         }
     }
 

@@ -9,6 +9,38 @@ use minicbor::{Decode, Encode};
 
 use crate::summary::WindowSummary;
 
+/// What the agent's buffer had to evict when it was full: the cloud learns exactly what is
+/// missing instead of losing it silently. Identified by `(agent_id, seq)`; `seq` increases per
+/// agent, so a re-sent gap is recognised.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+#[cbor(map)]
+pub struct Gap {
+    #[n(0)]
+    pub agent_id: String,
+    #[n(1)]
+    pub seq: u64,
+    /// Streams whose summaries were evicted (at most [`Gap::MAX_STREAMS`] named).
+    #[n(2)]
+    pub streams: Vec<String>,
+    /// Earliest window start and latest window end of what was evicted.
+    #[n(3)]
+    pub from_ms: i64,
+    #[n(4)]
+    pub to_ms: i64,
+    /// Summaries evicted.
+    #[n(5)]
+    pub count: u64,
+    /// Why, e.g. `buffer_full`.
+    #[n(6)]
+    pub reason: String,
+    #[n(7)]
+    pub recorded_at_ms: i64,
+}
+
+impl Gap {
+    pub const MAX_STREAMS: usize = 64;
+}
+
 /// The batch format version this crate writes and reads.
 pub const BATCH_VERSION: u16 = 1;
 
@@ -24,6 +56,10 @@ pub struct Batch {
     pub sent_at_ms: i64,
     #[n(3)]
     pub summaries: Vec<WindowSummary>,
+    /// Eviction records; absent in batches without any.
+    #[n(4)]
+    #[cbor(default)]
+    pub gaps: Vec<Gap>,
 }
 
 #[derive(Debug)]
@@ -57,6 +93,7 @@ impl Batch {
             agent_id,
             sent_at_ms,
             summaries,
+            gaps: Vec::new(),
         }
     }
 
@@ -86,6 +123,27 @@ mod tests {
     fn round_trips() {
         let b = Batch::new("gw-1".to_string(), 42, vec![sample(), sample()]);
         assert_eq!(Batch::from_cbor(&b.to_cbor()).unwrap(), b);
+    }
+
+    #[test]
+    fn gaps_round_trip_and_are_optional_on_the_wire() {
+        let mut b = Batch::new("gw-1".to_string(), 42, vec![sample()]);
+        let without_gaps = b.to_cbor();
+        b.gaps.push(Gap {
+            agent_id: "gw-1".to_string(),
+            seq: 7,
+            streams: vec!["n1/temperature".to_string()],
+            from_ms: 0,
+            to_ms: 10_000,
+            count: 3,
+            reason: "buffer_full".to_string(),
+            recorded_at_ms: 11_000,
+        });
+        assert_eq!(Batch::from_cbor(&b.to_cbor()).unwrap(), b);
+        // A batch from an encoder that never wrote field 4 still decodes.
+        let mut d = minicbor::Decoder::new(&without_gaps);
+        assert_eq!(d.map().unwrap(), Some(5));
+        assert_eq!(Batch::from_cbor(&without_gaps).unwrap().gaps, vec![]);
     }
 
     #[test]
@@ -121,7 +179,7 @@ mod tests {
                 window_end_ms: start.wrapping_add(1000), revision: rev, count,
                 min: vals[0], max: vals[1], mean: vals[2], stddev: vals[3],
                 first_value: vals[4], first_time_ms: start, last_value: vals[5],
-                last_time_ms: start, unit,
+                last_time_ms: start, unit, score: None,
             };
             let b = Batch::new("gw".to_string(), 0, vec![s]);
             prop_assert_eq!(Batch::from_cbor(&b.to_cbor()).unwrap(), b);

@@ -28,6 +28,6 @@ pub mod batch;
 pub mod summary;
 
 #[cfg(feature = "alloc")]
-pub use batch::{BATCH_VERSION, Batch, BatchError};
+pub use batch::{BATCH_VERSION, Batch, BatchError, Gap};
 #[cfg(feature = "alloc")]
-pub use summary::{InvalidSummary, Reading, SummaryId, WindowSummary};
+pub use summary::{InvalidSummary, Reading, Score, SummaryId, WindowSummary};

@@ -58,6 +58,24 @@ pub struct WindowSummary {
     pub last_time_ms: i64,
     #[n(14)]
     pub unit: Option<String>,
+    /// The agent's anomaly score for this window, when a model scored it.
+    #[n(15)]
+    pub score: Option<Score>,
+}
+
+/// An anomaly score from the agent's model.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+#[cbor(map)]
+pub struct Score {
+    #[n(0)]
+    pub value: f64,
+    /// `value` reached the model's threshold: the summary is an alert (kept longest in the
+    /// agent's buffer, sent first).
+    #[n(1)]
+    pub alert: bool,
+    /// Model name and version (content hash), e.g. `anomaly@3f2a9c1d`.
+    #[n(2)]
+    pub model: String,
 }
 
 /// Deterministic identity of a summary: SHA-256 (truncated to 128 bits) over the length-prefixed
@@ -111,7 +129,9 @@ impl core::fmt::Display for InvalidSummary {
         match self {
             Self::EmptyAgentId => f.write_str("agent_id is empty"),
             Self::EmptyStream => f.write_str("stream is empty"),
-            Self::NameTooLong => f.write_str("agent_id, stream or unit is longer than 256 bytes"),
+            Self::NameTooLong => {
+                f.write_str("agent_id, stream, unit or model is longer than 256 bytes")
+            }
             Self::EmptyWindow => f.write_str("window_end_ms is not after window_start_ms"),
             Self::ZeroCount => f.write_str("count is 0"),
             Self::NotFinite(field) => write!(f, "{field} is not a finite number"),
@@ -134,6 +154,11 @@ impl WindowSummary {
         )
     }
 
+    /// Whether the agent flagged this window as an anomaly.
+    pub fn is_alert(&self) -> bool {
+        self.score.as_ref().is_some_and(|s| s.alert)
+    }
+
     /// Checks what every receiver must check before storing a summary.
     pub fn validate(&self) -> Result<(), InvalidSummary> {
         if self.agent_id.is_empty() {
@@ -143,7 +168,15 @@ impl WindowSummary {
             return Err(InvalidSummary::EmptyStream);
         }
         let unit_len = self.unit.as_ref().map_or(0, |u| u.len());
-        if self.agent_id.len().max(self.stream.len()).max(unit_len) > Self::MAX_NAME_BYTES {
+        let model_len = self.score.as_ref().map_or(0, |s| s.model.len());
+        if self
+            .agent_id
+            .len()
+            .max(self.stream.len())
+            .max(unit_len)
+            .max(model_len)
+            > Self::MAX_NAME_BYTES
+        {
             return Err(InvalidSummary::NameTooLong);
         }
         if self.window_end_ms <= self.window_start_ms {
@@ -159,6 +192,7 @@ impl WindowSummary {
             ("stddev", self.stddev),
             ("first_value", self.first_value),
             ("last_value", self.last_value),
+            ("score", self.score.as_ref().map_or(0.0, |s| s.value)),
         ] {
             if !v.is_finite() {
                 return Err(InvalidSummary::NotFinite(name));
@@ -205,6 +239,7 @@ pub(crate) mod tests {
             last_value: 22.0,
             last_time_ms: 1_700_000_009_500,
             unit: Some("Cel".to_string()),
+            score: None,
         }
     }
 
@@ -245,5 +280,12 @@ pub(crate) mod tests {
         let mut s = sample();
         s.stream = "x".repeat(300);
         assert_eq!(s.validate(), Err(InvalidSummary::NameTooLong));
+        let mut s = sample();
+        s.score = Some(Score {
+            value: f64::INFINITY,
+            alert: true,
+            model: "m@1".to_string(),
+        });
+        assert_eq!(s.validate(), Err(InvalidSummary::NotFinite("score")));
     }
 }

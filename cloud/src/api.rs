@@ -37,8 +37,8 @@ use tower_http::trace::TraceLayer;
 use crate::auth::bearer_token;
 use crate::metrics::{Metrics, PROMETHEUS_CONTENT_TYPE, RejectReason};
 use crate::store::{
-    DEFAULT_QUERY_LIMIT, DeviceInfo, IngestOutcome, MAX_QUERY_LIMIT, Store, StoreError,
-    StoredSummary, SummaryQuery,
+    DEFAULT_QUERY_LIMIT, DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, Store, StoreError,
+    StoredGap, StoredSummary, SummaryFilter, SummaryKey, SummaryQuery, check_batch,
 };
 
 /// Most summaries accepted in one batch.
@@ -112,8 +112,12 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             // The handler checks these first; the store checks them again as its own invariant.
-            StoreError::ForeignSummary { .. } => ApiError::Forbidden(e.to_string()),
-            StoreError::InvalidSummary { .. } => ApiError::Invalid(e.to_string()),
+            StoreError::ForeignSummary { .. } | StoreError::ForeignGap { .. } => {
+                ApiError::Forbidden(e.to_string())
+            }
+            StoreError::InvalidSummary { .. } | StoreError::InvalidGap { .. } => {
+                ApiError::Invalid(e.to_string())
+            }
             // The device was removed between authentication and storing.
             StoreError::UnknownDevice(_) => ApiError::Unauthorized,
             other => ApiError::Internal(other.to_string()),
@@ -153,6 +157,8 @@ pub fn router(store: Store, metrics: Arc<Metrics>, cfg: &ServerConfig) -> Router
         .route("/v1/ingest", post(ingest))
         .route("/v1/devices", get(list_devices))
         .route("/v1/summaries", get(list_summaries))
+        .route("/v1/alerts", get(list_alerts))
+        .route("/v1/gaps", get(list_gaps))
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
@@ -227,24 +233,10 @@ async fn ingest_batch(state: &AppState, request: Request) -> Result<IngestOutcom
             batch.agent_id
         )));
     }
-    if let Some((index, s)) = batch
-        .summaries
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.agent_id != device)
-    {
-        return Err(ApiError::Forbidden(format!(
-            "summary {index} has agent_id {:?}; device {device:?} may only write its own data",
-            s.agent_id
-        )));
-    }
-    for (index, s) in batch.summaries.iter().enumerate() {
-        s.validate()
-            .map_err(|reason| ApiError::Invalid(format!("summary {index} is invalid: {reason}")))?;
-    }
+    check_batch(&device, &batch.summaries, &batch.gaps)?;
 
     let store = state.store.clone();
-    blocking(move || store.ingest(&device, &batch.summaries)).await
+    blocking(move || store.ingest_batch(&device, &batch.summaries, &batch.gaps)).await
 }
 
 async fn list_devices(State(state): State<AppState>) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
@@ -252,7 +244,7 @@ async fn list_devices(State(state): State<AppState>) -> Result<Json<Vec<DeviceIn
     Ok(Json(blocking(move || store.devices()).await?))
 }
 
-/// Raw `/v1/summaries` parameters; empty values count as absent.
+/// Raw `/v1/summaries` and `/v1/alerts` parameters; empty values count as absent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SummaryParams {
@@ -261,60 +253,164 @@ struct SummaryParams {
     from: Option<String>,
     to: Option<String>,
     limit: Option<String>,
+    after: Option<String>,
+}
+
+fn present(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.is_empty())
+}
+
+fn millis(name: &str, v: Option<String>) -> Result<Option<i64>, ApiError> {
+    present(v)
+        .map(|s| {
+            s.parse::<i64>().map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "{name} must be milliseconds since the Unix epoch (an integer), got {s:?}"
+                ))
+            })
+        })
+        .transpose()
+}
+
+fn time_range(
+    from: Option<String>,
+    to: Option<String>,
+) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    let from_ms = millis("from", from)?;
+    let to_ms = millis("to", to)?;
+    if let (Some(from), Some(to)) = (from_ms, to_ms)
+        && from >= to
+    {
+        return Err(ApiError::BadRequest(format!(
+            "from ({from}) must be before to ({to})"
+        )));
+    }
+    Ok((from_ms, to_ms))
+}
+
+fn limit(v: Option<String>) -> Result<usize, ApiError> {
+    match present(v) {
+        None => Ok(DEFAULT_QUERY_LIMIT),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_QUERY_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError::BadRequest(format!(
+                "limit must be an integer from 1 to {MAX_QUERY_LIMIT}, got {s:?}"
+            ))),
+        },
+    }
+}
+
+fn bad_cursor(s: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "after must be a cursor from a previous page's next-cursor header, got {s:?}"
+    ))
 }
 
 impl SummaryParams {
-    fn parse(self) -> Result<SummaryQuery, ApiError> {
-        let present = |v: Option<String>| v.filter(|s| !s.is_empty());
-        let millis = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
-            present(v)
-                .map(|s| {
-                    s.parse::<i64>().map_err(|_| {
-                        ApiError::BadRequest(format!(
-                            "{name} must be milliseconds since the Unix epoch (an integer), got {s:?}"
-                        ))
-                    })
-                })
-                .transpose()
-        };
-        let from_ms = millis("from", self.from)?;
-        let to_ms = millis("to", self.to)?;
-        if let (Some(from), Some(to)) = (from_ms, to_ms)
-            && from >= to
-        {
-            return Err(ApiError::BadRequest(format!(
-                "from ({from}) must be before to ({to})"
-            )));
-        }
-        let limit = match present(self.limit) {
-            None => DEFAULT_QUERY_LIMIT,
-            Some(s) => match s.parse::<usize>() {
-                Ok(n) if (1..=MAX_QUERY_LIMIT).contains(&n) => n,
-                _ => {
-                    return Err(ApiError::BadRequest(format!(
-                        "limit must be an integer from 1 to {MAX_QUERY_LIMIT}, got {s:?}"
-                    )));
-                }
+    fn parse(self, alerts_only: bool) -> Result<SummaryFilter, ApiError> {
+        let (from_ms, to_ms) = time_range(self.from, self.to)?;
+        let after = present(self.after)
+            .map(|s| SummaryKey::from_cursor(&s).ok_or_else(|| bad_cursor(&s)))
+            .transpose()?;
+        Ok(SummaryFilter {
+            query: SummaryQuery {
+                device: present(self.device),
+                stream: present(self.stream),
+                from_ms,
+                to_ms,
+                limit: limit(self.limit)?,
             },
-        };
-        Ok(SummaryQuery {
-            device: present(self.device),
-            stream: present(self.stream),
-            from_ms,
-            to_ms,
-            limit,
+            alerts_only,
+            after,
         })
     }
+}
+
+/// The header that carries the cursor of the next page, present when a page is full.
+pub const NEXT_CURSOR: &str = "next-cursor";
+
+fn page<T: serde::Serialize>(
+    rows: Vec<T>,
+    limit: usize,
+    cursor: impl Fn(&T) -> String,
+) -> Response {
+    let next = (rows.len() == limit)
+        .then(|| rows.last().map(&cursor))
+        .flatten();
+    let mut response = Json(rows).into_response();
+    if let Some(next) = next
+        && let Ok(value) = axum::http::HeaderValue::from_str(&next)
+    {
+        response.headers_mut().insert(NEXT_CURSOR, value);
+    }
+    response
+}
+
+async fn summary_page(state: &AppState, filter: SummaryFilter) -> Result<Response, ApiError> {
+    let limit = filter.query.limit;
+    let store = state.store.clone();
+    let rows = blocking(move || store.summary_page(&filter)).await?;
+    Ok(page(rows, limit, |r: &StoredSummary| {
+        SummaryKey::of(r).to_cursor()
+    }))
 }
 
 async fn list_summaries(
     State(state): State<AppState>,
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<StoredSummary>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let query = params.parse()?;
+    summary_page(&state, params.parse(false)?).await
+}
+
+async fn list_alerts(
+    State(state): State<AppState>,
+    params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    summary_page(&state, params.parse(true)?).await
+}
+
+/// Raw `/v1/gaps` parameters; empty values count as absent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GapParams {
+    device: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+fn gap_cursor(g: &StoredGap) -> String {
+    format!("{}.{}", hex::encode(&g.device_id), g.seq)
+}
+
+fn parse_gap_cursor(s: &str) -> Option<(String, u64)> {
+    let (device, seq) = s.split_once('.')?;
+    let device = String::from_utf8(hex::decode(device).ok()?).ok()?;
+    Some((device, seq.parse().ok()?))
+}
+
+async fn list_gaps(
+    State(state): State<AppState>,
+    params: Result<Query<GapParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (from_ms, to_ms) = time_range(p.from, p.to)?;
+    let query = GapQuery {
+        device: present(p.device),
+        from_ms,
+        to_ms,
+        after: present(p.after)
+            .map(|s| parse_gap_cursor(&s).ok_or_else(|| bad_cursor(&s)))
+            .transpose()?,
+        limit: limit(p.limit)?,
+    };
+    let limit = query.limit;
     let store = state.store.clone();
-    Ok(Json(blocking(move || store.summaries(&query)).await?))
+    let rows = blocking(move || store.gaps(&query)).await?;
+    Ok(page(rows, limit, gap_cursor))
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {

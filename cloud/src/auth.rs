@@ -2,9 +2,9 @@
 //!
 //! A [`DeviceToken`] is 32 bytes from a CSPRNG (`rand::rng()`, ChaCha seeded from the OS), written
 //! as 64 lowercase hex characters. The token is shown to the operator once; only its
-//! [`TokenHash`] (SHA-256, hex) is stored. Because the receiver looks a device up *by the hash of
-//! the presented token*, no stored secret is ever compared byte by byte with client input, so
-//! there is no timing side channel on the secret itself.
+//! [`TokenHash`] (SHA-256, hex) is stored. The receiver looks a device up *by the hash of the
+//! presented token* and then compares the found hash with [`TokenHash::matches`] in constant time,
+//! so no stored secret is compared with client input by an early-exit comparison.
 //!
 //! Pure functions, no I/O; tested by the unit tests below.
 
@@ -62,6 +62,18 @@ impl TokenHash {
     pub fn as_hex(&self) -> &str {
         &self.0
     }
+
+    /// Compares with a stored hex hash in constant time (for equal lengths): the time taken
+    /// does not depend on where the first differing byte is.
+    pub fn matches(&self, stored_hex: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), stored_hex.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+        // Keep the compiler from turning the fold into an early-exit comparison.
+        std::hint::black_box(diff) == 0
+    }
 }
 
 /// Why a request carries no usable bearer token.
@@ -105,6 +117,10 @@ mod tests {
         assert_eq!(a.hash(), TokenHash::of(a.as_str()));
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.hash().as_hex().len(), 64);
+        assert!(a.hash().matches(TokenHash::of(a.as_str()).as_hex()));
+        assert!(!a.hash().matches(b.hash().as_hex()));
+        assert!(!a.hash().matches(&a.hash().as_hex()[..63]));
+        assert!(!a.hash().matches(""));
         assert!(!format!("{a:?}").contains(a.as_str()));
         // Known SHA-256 vector.
         assert_eq!(

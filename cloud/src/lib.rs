@@ -4,8 +4,9 @@
 //! # Layout
 //!
 //! - [`auth`]: device tokens (random, shown once, stored as SHA-256) and bearer header parsing.
-//! - [`store`]: the SQLite database ([`Store`]): schema migrations, devices, idempotent
-//!   one-transaction ingest keyed by `(device, stream, window start)` with revisions, queries.
+//! - [`store`]: storage of devices, summaries (with scores) and gap records: shared types and
+//!   checks, and the SQLite backend ([`Store`]): schema migrations, idempotent one-transaction
+//!   ingest keyed by `(device, stream, window start)` with revisions, and by `(device, gap seq)`.
 //! - [`metrics`]: per-receiver atomic counters ([`Metrics`]) rendered as Prometheus text.
 //! - [`api`]: the axum routes and handlers, request checks, and errors mapped to statuses.
 //! - [`server`]: [`Receiver`], a running server with graceful stop.
@@ -25,4 +26,7 @@ pub use api::{ApiError, MAX_SUMMARIES_PER_BATCH, ServerConfig};
 pub use auth::DeviceToken;
 pub use metrics::{Metrics, MetricsSnapshot, RejectReason};
 pub use server::Receiver;
-pub use store::{DeviceInfo, IngestOutcome, Store, StoreError, StoredSummary, SummaryQuery};
+pub use store::{
+    DeviceInfo, GapQuery, IngestOutcome, Store, StoreError, StoredGap, StoredSummary,
+    SummaryFilter, SummaryKey, SummaryQuery,
+};

@@ -194,6 +194,7 @@ mod tests {
             inserted: 5,
             duplicates: 2,
             revised: 1,
+            ..IngestOutcome::default()
         });
         m.record_rejection(RejectReason::Unauthorized);
         m.record_rejection(RejectReason::TooLarge);

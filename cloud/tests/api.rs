@@ -4,7 +4,7 @@ mod common;
 
 use common::{Harness, batch, summary, windows};
 use edgewise_cloud::{DeviceInfo, IngestOutcome, MetricsSnapshot, ServerConfig};
-use edgewise_protocol::Batch;
+use edgewise_protocol::{Batch, Gap, Score};
 use reqwest::StatusCode;
 
 const STREAM: &str = "node-1/temperature";
@@ -15,6 +15,7 @@ fn outcome(inserted: u64, duplicates: u64, revised: u64) -> IngestOutcome {
         inserted,
         duplicates,
         revised,
+        ..IngestOutcome::default()
     }
 }
 
@@ -397,4 +398,133 @@ async fn stop_closes_the_listener() {
         .send()
         .await;
     assert!(refused.is_err(), "a stopped receiver still answered");
+}
+
+fn gap(agent: &str, seq: u64) -> Gap {
+    Gap {
+        agent_id: agent.to_owned(),
+        seq,
+        streams: vec![STREAM.to_owned()],
+        from_ms: 1_700_000_000_000,
+        to_ms: 1_700_000_060_000,
+        count: 6,
+        reason: "buffer_full".to_owned(),
+        recorded_at_ms: 1_700_000_061_000,
+    }
+}
+
+#[tokio::test]
+async fn scores_and_gaps_are_stored_and_served() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    let mut sent = windows("gw-1", STREAM, 3);
+    sent[1].score = Some(Score {
+        value: 0.93,
+        alert: true,
+        model: "anomaly@3f2a9c1d".to_owned(),
+    });
+    sent[2].score = Some(Score {
+        value: 0.02,
+        alert: false,
+        model: "anomaly@3f2a9c1d".to_owned(),
+    });
+    let mut b = Batch::new("gw-1".to_owned(), 0, sent.clone());
+    b.gaps = vec![gap("gw-1", 1), gap("gw-1", 2)];
+    let a = h.post_ingest(Some(&token), b.to_cbor()).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let out = parse_outcome(&a.body);
+    assert_eq!((out.inserted, out.gaps_inserted), (3, 2));
+    // Re-sent: every record is a duplicate.
+    let a = h.post_ingest(Some(&token), b.to_cbor()).await;
+    let out = parse_outcome(&a.body);
+    assert_eq!(
+        (out.duplicates, out.gaps_duplicate, out.gaps_inserted),
+        (3, 2, 0)
+    );
+
+    let got: Vec<_> = h
+        .summaries("")
+        .await
+        .into_iter()
+        .map(|s| s.summary)
+        .collect();
+    assert_eq!(got, sent);
+    let raw = h.get("/v1/summaries?limit=2").await.json();
+    assert_eq!(raw[1]["score"]["alert"], true);
+    assert_eq!(raw[1]["score"]["model"], "anomaly@3f2a9c1d");
+    assert!(raw[0]["score"].is_null());
+
+    let alerts = h.get("/v1/alerts?device=gw-1").await;
+    assert_eq!(alerts.status, StatusCode::OK, "{}", alerts.body);
+    let alerts = alerts.json();
+    assert_eq!(alerts.as_array().map(Vec::len), Some(1));
+    assert_eq!(alerts[0]["id"], sent[1].id().to_string());
+
+    let gaps = h.get("/v1/gaps?device=gw-1").await;
+    assert_eq!(gaps.status, StatusCode::OK, "{}", gaps.body);
+    let gaps = gaps.json();
+    assert_eq!(gaps.as_array().map(Vec::len), Some(2));
+    assert_eq!(gaps[0]["seq"], 1);
+    assert_eq!(gaps[0]["count"], 6);
+    assert_eq!(gaps[0]["streams"][0], STREAM);
+    assert_eq!(gaps[1]["reason"], "buffer_full");
+    let devices = h.get("/v1/devices").await.json();
+    assert_eq!(devices[0]["alert_count"], 1);
+    assert_eq!(devices[0]["evicted_count"], 12);
+}
+
+#[tokio::test]
+async fn a_foreign_or_invalid_gap_refuses_the_batch() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    h.add_device("gw-2");
+    let mut b = Batch::new("gw-1".to_owned(), 0, windows("gw-1", STREAM, 1));
+    b.gaps = vec![gap("gw-2", 1)];
+    let a = h.post_ingest(Some(&token), b.to_cbor()).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+    assert!(a.error().contains("gap 0"), "{}", a.body);
+    let mut bad = gap("gw-1", 1);
+    bad.to_ms = bad.from_ms - 1;
+    b.gaps = vec![bad];
+    let a = h.post_ingest(Some(&token), b.to_cbor()).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(h.summaries("").await.is_empty());
+    assert_eq!(
+        h.get("/v1/gaps").await.json().as_array().map(Vec::len),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn pages_follow_the_next_cursor_header_to_the_end() {
+    let h = Harness::start().await;
+    let token = h.add_device("gw-1");
+    let sent = windows("gw-1", STREAM, 25);
+    h.post_ingest(Some(&token), batch("gw-1", sent.clone()))
+        .await;
+    let mut got = Vec::new();
+    let mut url = "/v1/summaries?limit=10".to_owned();
+    let mut pages = 0;
+    loop {
+        let response = h.client.get(h.url(&url)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let next = response
+            .headers()
+            .get("next-cursor")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let rows: Vec<edgewise_cloud::StoredSummary> =
+            serde_json::from_str(&response.text().await.unwrap()).unwrap();
+        got.extend(rows.into_iter().map(|r| r.summary));
+        pages += 1;
+        match next {
+            Some(cursor) => url = format!("/v1/summaries?limit=10&after={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(got, sent);
+    let a = h.get("/v1/summaries?after=nonsense").await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    let a = h.get("/v1/gaps?after=zz.1").await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
 }

@@ -1,0 +1,510 @@
+//! Storage of devices, window summaries (with their anomaly scores) and gap records.
+//!
+//! Two backends share the types, the checks and the SQL shape defined here:
+//! - [`sqlite`]: [`Store`], one file, zero setup: the default and the embedded choice.
+//! - `postgres`: `PgStore`, for many stateless receivers on one database.
+//!
+//! Invariants every backend keeps (and the shared suite in `tests/backends.rs` checks on both):
+//! - At most one summary row per `(device_id, stream, window_start_ms)`: the highest revision
+//!   received. An equal or lower revision changes nothing and counts as a duplicate; a higher one
+//!   replaces the row (exactly-once storage over at-least-once delivery).
+//! - At most one gap row per `(device_id, seq)`; a re-sent gap is a duplicate.
+//! - A batch is stored in ONE transaction: all of it or nothing. It is durable when `ingest`
+//!   returns `Ok`.
+//! - Every stored record passed [`check_batch`]: valid, and the writing device's own.
+//! - Only SHA-256 hashes of device tokens are stored.
+//!
+//! The SQL is plain: `INSERT .. ON CONFLICT .. DO UPDATE .. WHERE`, row-value comparisons for
+//! keyset paging, no stored procedures or PG-only types, so it also runs on PostgreSQL-compatible
+//! distributed engines (Citus, TimescaleDB).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use edgewise_protocol::{Gap, Score, WindowSummary};
+use serde::{Deserialize, Serialize};
+
+pub mod sqlite;
+
+pub use sqlite::Store;
+
+/// Rows returned by a query when it does not say.
+pub const DEFAULT_QUERY_LIMIT: usize = 1_000;
+/// Most rows a query returns, whatever it asks.
+pub const MAX_QUERY_LIMIT: usize = 10_000;
+/// Longest accepted device id, in bytes (the same bound as a summary's agent id).
+pub const MAX_DEVICE_ID_BYTES: usize = WindowSummary::MAX_NAME_BYTES;
+/// Most gap records accepted in one batch.
+pub const MAX_GAPS_PER_BATCH: usize = 1_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database schema version {found} is newer than this build understands ({known})")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("device id is invalid: {0}")]
+    InvalidDeviceId(&'static str),
+    #[error("device {0:?} already exists")]
+    DeviceExists(String),
+    #[error("device {0:?} does not exist")]
+    UnknownDevice(String),
+    #[error(
+        "summary {index} has agent_id {agent_id:?}, but device {device_id:?} may only write its own data"
+    )]
+    ForeignSummary {
+        index: usize,
+        agent_id: String,
+        device_id: String,
+    },
+    #[error("summary {index} is invalid: {reason}")]
+    InvalidSummary { index: usize, reason: String },
+    #[error(
+        "gap {index} has agent_id {agent_id:?}, but device {device_id:?} may only write its own data"
+    )]
+    ForeignGap {
+        index: usize,
+        agent_id: String,
+        device_id: String,
+    },
+    #[error("gap {index} is invalid: {reason}")]
+    InvalidGap { index: usize, reason: String },
+    #[error("a stored value is out of range: {0}")]
+    Corrupt(String),
+}
+
+/// What one ingest call did with each record of the batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct IngestOutcome {
+    /// New windows.
+    pub inserted: u64,
+    /// Summaries already stored at the same or a higher revision (nothing changed).
+    pub duplicates: u64,
+    /// Higher revisions that replaced a stored window.
+    pub revised: u64,
+    /// New gap records.
+    #[serde(default)]
+    pub gaps_inserted: u64,
+    /// Gap records already stored (same device and seq).
+    #[serde(default)]
+    pub gaps_duplicate: u64,
+}
+
+/// Filter for [`Store::summaries`]: `window_start_ms` in `[from_ms, to_ms)`, ordered by window
+/// start, then device, then stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryQuery {
+    pub device: Option<String>,
+    pub stream: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// Capped at [`MAX_QUERY_LIMIT`].
+    pub limit: usize,
+}
+
+impl Default for SummaryQuery {
+    fn default() -> Self {
+        SummaryQuery {
+            device: None,
+            stream: None,
+            from_ms: None,
+            to_ms: None,
+            limit: DEFAULT_QUERY_LIMIT,
+        }
+    }
+}
+
+/// A [`SummaryQuery`] with the query API's extras: only alerts, and keyset paging.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SummaryFilter {
+    pub query: SummaryQuery,
+    /// Only summaries whose score is an alert.
+    pub alerts_only: bool,
+    /// Only rows after this one in the query's order (the previous page's last row).
+    pub after: Option<SummaryKey>,
+}
+
+/// The sort key of a summary row: `(window_start_ms, device_id, stream)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryKey {
+    pub window_start_ms: i64,
+    pub device_id: String,
+    pub stream: String,
+}
+
+impl SummaryKey {
+    pub fn of(s: &StoredSummary) -> Self {
+        SummaryKey {
+            window_start_ms: s.summary.window_start_ms,
+            device_id: s.device_id.clone(),
+            stream: s.summary.stream.clone(),
+        }
+    }
+
+    /// An opaque cursor: `start.hex(device).hex(stream)`.
+    pub fn to_cursor(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            self.window_start_ms,
+            hex::encode(&self.device_id),
+            hex::encode(&self.stream)
+        )
+    }
+
+    pub fn from_cursor(cursor: &str) -> Option<Self> {
+        let mut parts = cursor.split('.');
+        let start = parts.next()?.parse().ok()?;
+        let device = String::from_utf8(hex::decode(parts.next()?).ok()?).ok()?;
+        let stream = String::from_utf8(hex::decode(parts.next()?).ok()?).ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(SummaryKey {
+            window_start_ms: start,
+            device_id: device,
+            stream,
+        })
+    }
+}
+
+/// Filter for gap records: those whose `[from_ms, to_ms]` overlaps `[from_ms, to_ms)` of the
+/// query, ordered by device, then seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GapQuery {
+    pub device: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// Only gaps after this `(device_id, seq)`.
+    pub after: Option<(String, u64)>,
+    pub limit: usize,
+}
+
+impl Default for GapQuery {
+    fn default() -> Self {
+        GapQuery {
+            device: None,
+            from_ms: None,
+            to_ms: None,
+            after: None,
+            limit: DEFAULT_QUERY_LIMIT,
+        }
+    }
+}
+
+/// A summary as stored, with who sent it and when it arrived.
+///
+/// Serializes to JSON as one flat object: `id` (hex [`edgewise_protocol::SummaryId`]),
+/// `device_id`, every [`WindowSummary`] field (`score` as `{value, alert, model}` or null), and
+/// `received_at_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "FlatSummary", from = "FlatSummary")]
+pub struct StoredSummary {
+    pub device_id: String,
+    pub summary: WindowSummary,
+    pub received_at_ms: i64,
+}
+
+/// The JSON shape of a [`StoredSummary`].
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = StoredSummary)]
+pub struct FlatSummary {
+    /// Hex summary id (agent, stream, window start, revision).
+    #[serde(default)]
+    id: String,
+    device_id: String,
+    agent_id: String,
+    stream: String,
+    window_start_ms: i64,
+    window_end_ms: i64,
+    revision: u32,
+    count: u64,
+    min: f64,
+    max: f64,
+    mean: f64,
+    stddev: f64,
+    first_value: f64,
+    first_time_ms: i64,
+    last_value: f64,
+    last_time_ms: i64,
+    unit: Option<String>,
+    #[serde(default)]
+    score: Option<ScoreJson>,
+    received_at_ms: i64,
+}
+
+/// The JSON shape of a [`Score`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ScoreJson {
+    pub value: f64,
+    pub alert: bool,
+    pub model: String,
+}
+
+impl From<StoredSummary> for FlatSummary {
+    fn from(s: StoredSummary) -> Self {
+        let id = s.summary.id().to_string();
+        let w = s.summary;
+        FlatSummary {
+            id,
+            device_id: s.device_id,
+            agent_id: w.agent_id,
+            stream: w.stream,
+            window_start_ms: w.window_start_ms,
+            window_end_ms: w.window_end_ms,
+            revision: w.revision,
+            count: w.count,
+            min: w.min,
+            max: w.max,
+            mean: w.mean,
+            stddev: w.stddev,
+            first_value: w.first_value,
+            first_time_ms: w.first_time_ms,
+            last_value: w.last_value,
+            last_time_ms: w.last_time_ms,
+            unit: w.unit,
+            score: w.score.map(|s| ScoreJson {
+                value: s.value,
+                alert: s.alert,
+                model: s.model,
+            }),
+            received_at_ms: s.received_at_ms,
+        }
+    }
+}
+
+impl From<FlatSummary> for StoredSummary {
+    fn from(f: FlatSummary) -> Self {
+        StoredSummary {
+            device_id: f.device_id,
+            summary: WindowSummary {
+                agent_id: f.agent_id,
+                stream: f.stream,
+                window_start_ms: f.window_start_ms,
+                window_end_ms: f.window_end_ms,
+                revision: f.revision,
+                count: f.count,
+                min: f.min,
+                max: f.max,
+                mean: f.mean,
+                stddev: f.stddev,
+                first_value: f.first_value,
+                first_time_ms: f.first_time_ms,
+                last_value: f.last_value,
+                last_time_ms: f.last_time_ms,
+                unit: f.unit,
+                score: f.score.map(|s| Score {
+                    value: s.value,
+                    alert: s.alert,
+                    model: s.model,
+                }),
+            },
+            received_at_ms: f.received_at_ms,
+        }
+    }
+}
+
+/// A gap record as stored: what a device's buffer had to evict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StoredGap {
+    pub device_id: String,
+    pub seq: u64,
+    pub streams: Vec<String>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub count: u64,
+    pub reason: String,
+    pub recorded_at_ms: i64,
+    pub received_at_ms: i64,
+}
+
+/// A registered device, as listed by [`Store::devices`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub created_at_ms: i64,
+    /// When the device last posted a batch; `None` if never.
+    pub last_seen_ms: Option<i64>,
+    pub revoked: bool,
+    pub summary_count: u64,
+    /// Stored summaries whose score is an alert.
+    #[serde(default)]
+    pub alert_count: u64,
+    /// Summaries the device reported as evicted from its buffer (sum of its gaps' counts).
+    #[serde(default)]
+    pub evicted_count: u64,
+}
+
+/// Checks a batch before it is stored: every summary and gap is the device's own and valid.
+/// Pure; the API calls it to answer 403/400, and every backend calls it again as an invariant.
+pub fn check_batch(
+    device_id: &str,
+    summaries: &[WindowSummary],
+    gaps: &[Gap],
+) -> Result<(), StoreError> {
+    for (index, s) in summaries.iter().enumerate() {
+        if s.agent_id != device_id {
+            return Err(StoreError::ForeignSummary {
+                index,
+                agent_id: s.agent_id.clone(),
+                device_id: device_id.to_owned(),
+            });
+        }
+    }
+    for (index, g) in gaps.iter().enumerate() {
+        if g.agent_id != device_id {
+            return Err(StoreError::ForeignGap {
+                index,
+                agent_id: g.agent_id.clone(),
+                device_id: device_id.to_owned(),
+            });
+        }
+    }
+    for (index, s) in summaries.iter().enumerate() {
+        s.validate().map_err(|reason| StoreError::InvalidSummary {
+            index,
+            reason: reason.to_string(),
+        })?;
+        if i64::try_from(s.count).is_err() {
+            return Err(StoreError::InvalidSummary {
+                index,
+                reason: format!("count {} is larger than {}", s.count, i64::MAX),
+            });
+        }
+    }
+    if gaps.len() > MAX_GAPS_PER_BATCH {
+        return Err(StoreError::InvalidGap {
+            index: MAX_GAPS_PER_BATCH,
+            reason: format!("at most {MAX_GAPS_PER_BATCH} gaps are accepted per batch"),
+        });
+    }
+    for (index, g) in gaps.iter().enumerate() {
+        check_gap(g).map_err(|reason| StoreError::InvalidGap { index, reason })?;
+    }
+    Ok(())
+}
+
+fn check_gap(g: &Gap) -> Result<(), String> {
+    const MAX: usize = WindowSummary::MAX_NAME_BYTES;
+    if i64::try_from(g.seq).is_err() {
+        return Err(format!("seq {} is larger than {}", g.seq, i64::MAX));
+    }
+    if i64::try_from(g.count).is_err() {
+        return Err(format!("count {} is larger than {}", g.count, i64::MAX));
+    }
+    if g.streams.len() > Gap::MAX_STREAMS {
+        return Err(format!(
+            "names {} streams; at most {} are accepted",
+            g.streams.len(),
+            Gap::MAX_STREAMS
+        ));
+    }
+    if g.streams.iter().any(|s| s.is_empty() || s.len() > MAX) {
+        return Err(format!("a stream name is empty or longer than {MAX} bytes"));
+    }
+    if g.reason.is_empty() || g.reason.len() > MAX {
+        return Err(format!("reason is empty or longer than {MAX} bytes"));
+    }
+    if g.from_ms > g.to_ms {
+        return Err("from_ms is after to_ms".to_owned());
+    }
+    Ok(())
+}
+
+pub(crate) fn check_device_id(id: &str) -> Result<(), StoreError> {
+    if id.is_empty() {
+        return Err(StoreError::InvalidDeviceId("it is empty"));
+    }
+    if id.len() > MAX_DEVICE_ID_BYTES {
+        return Err(StoreError::InvalidDeviceId("it is longer than 256 bytes"));
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(StoreError::InvalidDeviceId(
+            "it contains whitespace or control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Keeps, per window key, only the highest revision of a batch, in first-seen order; returns the
+/// kept summaries and how many were dropped as duplicates within the batch itself.
+pub(crate) fn dedup_batch(summaries: &[WindowSummary]) -> (Vec<&WindowSummary>, u64) {
+    let mut index: std::collections::HashMap<(&str, i64), usize> =
+        std::collections::HashMap::with_capacity(summaries.len());
+    let mut kept: Vec<&WindowSummary> = Vec::with_capacity(summaries.len());
+    let mut dropped = 0;
+    for s in summaries {
+        match index.get(&(s.stream.as_str(), s.window_start_ms)) {
+            Some(&i) => {
+                dropped += 1;
+                if s.revision > kept[i].revision {
+                    kept[i] = s;
+                }
+            }
+            None => {
+                index.insert((s.stream.as_str(), s.window_start_ms), kept.len());
+                kept.push(s);
+            }
+        }
+    }
+    (kept, dropped)
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gap(agent: &str, seq: u64) -> Gap {
+        Gap {
+            agent_id: agent.to_owned(),
+            seq,
+            streams: vec!["n1/temp".to_owned()],
+            from_ms: 0,
+            to_ms: 10_000,
+            count: 3,
+            reason: "buffer_full".to_owned(),
+            recorded_at_ms: 11_000,
+        }
+    }
+
+    #[test]
+    fn check_batch_names_foreign_and_invalid_gaps() {
+        assert!(check_batch("gw-1", &[], &[gap("gw-1", 1)]).is_ok());
+        assert!(matches!(
+            check_batch("gw-1", &[], &[gap("gw-1", 1), gap("gw-2", 2)]),
+            Err(StoreError::ForeignGap { index: 1, .. })
+        ));
+        let mut bad = gap("gw-1", 1);
+        bad.from_ms = 20_000;
+        assert!(matches!(
+            check_batch("gw-1", &[], &[bad]),
+            Err(StoreError::InvalidGap { index: 0, .. })
+        ));
+        let mut big = gap("gw-1", u64::MAX);
+        assert!(check_batch("gw-1", &[], std::slice::from_ref(&big)).is_err());
+        big.seq = 1;
+        big.streams = vec!["s".to_owned(); Gap::MAX_STREAMS + 1];
+        assert!(check_batch("gw-1", &[], &[big]).is_err());
+        let mut no_reason = gap("gw-1", 1);
+        no_reason.reason.clear();
+        assert!(check_batch("gw-1", &[], &[no_reason]).is_err());
+    }
+
+    #[test]
+    fn cursor_round_trips_any_names_and_refuses_garbage() {
+        let k = SummaryKey {
+            window_start_ms: -5,
+            device_id: "gw.1".to_owned(),
+            stream: "n1/t.e mp".to_owned(),
+        };
+        assert_eq!(SummaryKey::from_cursor(&k.to_cursor()), Some(k));
+        for bad in ["", "x", "1.zz.00", "1.00", "1.61.61.61"] {
+            assert_eq!(SummaryKey::from_cursor(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,1072 @@
+//! The SQLite backend: [`Store`], one database file.
+//!
+//! WAL journal, `synchronous=NORMAL`, a 5 s busy timeout. The schema is created by versioned
+//! migrations recorded in `schema_migrations` (v1 devices and summaries; v2 scores and gaps); a
+//! file written by a newer build is refused rather than guessed at.
+//!
+//! The invariants are the module's ([`crate::store`]): one row per window at its highest
+//! revision, one row per `(device, gap seq)`, a batch in ONE transaction, durable (WAL +
+//! `synchronous=NORMAL`: survives a process crash) when `ingest` returns `Ok`.
+//!
+//! rusqlite is synchronous: async callers run these methods in `tokio::task::spawn_blocking`
+//! (the [`crate::store::Storage`] impl does). The connection sits behind a mutex, so a [`Store`]
+//! is cheap to clone and safe to share.
+//!
+//! Tested by the unit tests below on temporary files, by the shared backend suite
+//! (`tests/backends.rs`) and through HTTP in `tests/api.rs`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use edgewise_protocol::{Gap, Score, WindowSummary};
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{
+    DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, StoreError, StoredGap, StoredSummary,
+    SummaryFilter, SummaryQuery, check_batch, check_device_id, dedup_batch, now_ms,
+};
+use crate::auth::{DeviceToken, TokenHash};
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations, applied in order; `MIGRATIONS[i]` takes the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // v1: devices and summaries.
+    "CREATE TABLE devices (
+         id            TEXT PRIMARY KEY NOT NULL,
+         token_hash    TEXT NOT NULL UNIQUE,
+         created_at_ms INTEGER NOT NULL,
+         revoked       INTEGER NOT NULL DEFAULT 0,
+         last_seen_ms  INTEGER
+     );
+     CREATE TABLE summaries (
+         device_id       TEXT NOT NULL REFERENCES devices(id),
+         stream          TEXT NOT NULL,
+         window_start_ms INTEGER NOT NULL,
+         window_end_ms   INTEGER NOT NULL,
+         revision        INTEGER NOT NULL,
+         count           INTEGER NOT NULL,
+         min             REAL NOT NULL,
+         max             REAL NOT NULL,
+         mean            REAL NOT NULL,
+         stddev          REAL NOT NULL,
+         first_value     REAL NOT NULL,
+         first_time_ms   INTEGER NOT NULL,
+         last_value      REAL NOT NULL,
+         last_time_ms    INTEGER NOT NULL,
+         unit            TEXT,
+         summary_id      TEXT NOT NULL,
+         received_at_ms  INTEGER NOT NULL,
+         PRIMARY KEY (device_id, stream, window_start_ms)
+     ) WITHOUT ROWID;
+     CREATE INDEX summaries_by_window_start ON summaries (window_start_ms);",
+    // v2: anomaly scores on summaries (NULL when unscored), and gap records.
+    "ALTER TABLE summaries ADD COLUMN score_value REAL;
+     ALTER TABLE summaries ADD COLUMN score_alert INTEGER;
+     ALTER TABLE summaries ADD COLUMN score_model TEXT;
+     CREATE INDEX summaries_alerts ON summaries (score_alert, window_start_ms);
+     CREATE TABLE gaps (
+         device_id      TEXT NOT NULL REFERENCES devices(id),
+         seq            INTEGER NOT NULL,
+         streams        TEXT NOT NULL,
+         from_ms        INTEGER NOT NULL,
+         to_ms          INTEGER NOT NULL,
+         count          INTEGER NOT NULL,
+         reason         TEXT NOT NULL,
+         recorded_at_ms INTEGER NOT NULL,
+         received_at_ms INTEGER NOT NULL,
+         PRIMARY KEY (device_id, seq)
+     );",
+];
+
+/// The number of schema versions this build knows.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The columns of a summary row, in the order [`stored_summary_from_row`] reads them.
+pub(crate) const SUMMARY_COLUMNS: &str =
+    "device_id, stream, window_start_ms, window_end_ms, revision, count,
+     min, max, mean, stddev, first_value, first_time_ms, last_value, last_time_ms,
+     unit, received_at_ms, score_value, score_alert, score_model";
+
+/// The receiver's SQLite database. Clones share one connection.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Answers the mode in effect: "wal" for a file (in-memory databases stay "memory").
+        let _mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done write behind: an open
+        // transaction rolls back when dropped. So the connection is still good to use.
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(current_version(&self.lock())?)
+    }
+
+    /// Answers whether the database responds (for `/healthz`).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.lock().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Registers a device and returns its new token, which is stored only as a hash: show it to
+    /// the operator once.
+    pub fn add_device(&self, device_id: &str) -> Result<String, StoreError> {
+        check_device_id(device_id)?;
+        let token = DeviceToken::generate();
+        let conn = self.lock();
+        let result = conn.execute(
+            "INSERT INTO devices (id, token_hash, created_at_ms) VALUES (?1, ?2, ?3)",
+            params![device_id, token.hash().as_hex(), now_ms()],
+        );
+        match result {
+            Ok(_) => Ok(token.into_string()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::DeviceExists(device_id.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Revokes a device's token; its data stays. Returns `false` if no such device exists.
+    pub fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError> {
+        let changed = self
+            .lock()
+            .execute("UPDATE devices SET revoked = 1 WHERE id = ?1", [device_id])?;
+        Ok(changed > 0)
+    }
+
+    /// The device a token belongs to, if the token is valid and not revoked.
+    ///
+    /// The lookup is by the token's SHA-256, and the found hash is compared again in constant
+    /// time, so the stored secret is never compared byte by byte with input.
+    pub fn authenticate(&self, token: &str) -> Result<Option<String>, StoreError> {
+        let hash = TokenHash::of(token);
+        let conn = self.lock();
+        let found = conn
+            .query_row(
+                "SELECT id, token_hash FROM devices WHERE token_hash = ?1 AND revoked = 0",
+                [hash.as_hex()],
+                |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)),
+            )
+            .optional()?;
+        Ok(found.and_then(|(id, stored)| hash.matches(&stored).then_some(id)))
+    }
+
+    /// Stores a batch of `device_id`'s summaries idempotently, in one transaction, and marks the
+    /// device as seen. Refuses the whole batch if any summary is invalid or not the device's own.
+    pub fn ingest(
+        &self,
+        device_id: &str,
+        summaries: &[WindowSummary],
+    ) -> Result<IngestOutcome, StoreError> {
+        self.ingest_batch(device_id, summaries, &[])
+    }
+
+    /// [`Store::ingest`] with the batch's gap records, stored idempotently by `(device, seq)` in
+    /// the same transaction.
+    pub fn ingest_batch(
+        &self,
+        device_id: &str,
+        summaries: &[WindowSummary],
+        gaps: &[Gap],
+    ) -> Result<IngestOutcome, StoreError> {
+        check_batch(device_id, summaries, gaps)?;
+        let (kept, in_batch_duplicates) = dedup_batch(summaries);
+
+        let received_at_ms = now_ms();
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let known = tx.execute(
+            "UPDATE devices SET last_seen_ms = ?2 WHERE id = ?1",
+            params![device_id, received_at_ms],
+        )?;
+        if known == 0 {
+            return Err(StoreError::UnknownDevice(device_id.to_owned()));
+        }
+        let mut outcome = IngestOutcome {
+            duplicates: in_batch_duplicates,
+            ..IngestOutcome::default()
+        };
+        {
+            let mut stored_revision = tx.prepare_cached(
+                "SELECT revision FROM summaries
+                 WHERE device_id = ?1 AND stream = ?2 AND window_start_ms = ?3",
+            )?;
+            let mut write = tx.prepare_cached(
+                "INSERT OR REPLACE INTO summaries (
+                     device_id, stream, window_start_ms, window_end_ms, revision, count,
+                     min, max, mean, stddev, first_value, first_time_ms, last_value, last_time_ms,
+                     unit, summary_id, received_at_ms, score_value, score_alert, score_model)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                         ?17, ?18, ?19, ?20)",
+            )?;
+            for s in kept {
+                let current: Option<i64> = stored_revision
+                    .query_row(params![device_id, s.stream, s.window_start_ms], |row| {
+                        row.get(0)
+                    })
+                    .optional()?;
+                match current {
+                    Some(stored) if i64::from(s.revision) <= stored => {
+                        outcome.duplicates += 1;
+                        continue;
+                    }
+                    Some(_) => outcome.revised += 1,
+                    None => outcome.inserted += 1,
+                }
+                // Checked by check_batch: the count fits.
+                let count = i64::try_from(s.count).unwrap_or(i64::MAX);
+                let score = s.score.as_ref();
+                write.execute(params![
+                    device_id,
+                    s.stream,
+                    s.window_start_ms,
+                    s.window_end_ms,
+                    s.revision,
+                    count,
+                    s.min,
+                    s.max,
+                    s.mean,
+                    s.stddev,
+                    s.first_value,
+                    s.first_time_ms,
+                    s.last_value,
+                    s.last_time_ms,
+                    s.unit,
+                    s.id().to_string(),
+                    received_at_ms,
+                    score.map(|x| x.value),
+                    score.map(|x| x.alert),
+                    score.map(|x| x.model.as_str()),
+                ])?;
+            }
+            let mut write_gap = tx.prepare_cached(
+                "INSERT INTO gaps (device_id, seq, streams, from_ms, to_ms, count, reason,
+                                   recorded_at_ms, received_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (device_id, seq) DO NOTHING",
+            )?;
+            for g in gaps {
+                // Checked by check_batch: seq and count fit.
+                let changed = write_gap.execute(params![
+                    device_id,
+                    i64::try_from(g.seq).unwrap_or(i64::MAX),
+                    streams_json(&g.streams),
+                    g.from_ms,
+                    g.to_ms,
+                    i64::try_from(g.count).unwrap_or(i64::MAX),
+                    g.reason,
+                    g.recorded_at_ms,
+                    received_at_ms,
+                ])?;
+                if changed == 1 {
+                    outcome.gaps_inserted += 1;
+                } else {
+                    outcome.gaps_duplicate += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Stored summaries matching `q`, oldest window first.
+    pub fn summaries(&self, q: &SummaryQuery) -> Result<Vec<StoredSummary>, StoreError> {
+        self.summary_page(&SummaryFilter {
+            query: q.clone(),
+            ..SummaryFilter::default()
+        })
+    }
+
+    /// Stored summaries matching `f`, in `(window_start_ms, device_id, stream)` order.
+    pub fn summary_page(&self, f: &SummaryFilter) -> Result<Vec<StoredSummary>, StoreError> {
+        let (sql, args) = summary_sql(f, |_| "?".to_owned());
+        let args: Vec<Value> = args.into_iter().map(Value::from).collect();
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), stored_summary_from_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Stored gap records matching `q`, by device then seq.
+    pub fn gaps(&self, q: &GapQuery) -> Result<Vec<StoredGap>, StoreError> {
+        let (sql, args) = gap_sql(q, |_| "?".to_owned());
+        let args: Vec<Value> = args.into_iter().map(Value::from).collect();
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args), |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+                row.get::<_, i64>(5)?,
+                row.get::<_, String>(6)?,
+                row.get::<_, i64>(7)?,
+                row.get::<_, i64>(8)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (device_id, seq, streams, from_ms, to_ms, count, reason, recorded, received) = r?;
+            gap_from_parts(
+                device_id, seq, &streams, from_ms, to_ms, count, reason, recorded, received,
+            )
+        })
+        .collect()
+    }
+
+    /// Every registered device with its counts, by id.
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(DEVICES_SQL)?;
+        let rows = stmt.query_map([], |row| {
+            Ok(DeviceInfo {
+                id: row.get(0)?,
+                created_at_ms: row.get(1)?,
+                last_seen_ms: row.get(2)?,
+                revoked: row.get::<_, i64>(3)? != 0,
+                summary_count: non_negative(row, 4)?,
+                alert_count: non_negative(row, 5)?,
+                evicted_count: non_negative(row, 6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+/// Devices with their counts; the same text runs on both backends.
+pub(crate) const DEVICES_SQL: &str = "SELECT d.id, d.created_at_ms, d.last_seen_ms, d.revoked,
+        (SELECT COUNT(*) FROM summaries s WHERE s.device_id = d.id),
+        (SELECT COUNT(*) FROM summaries s WHERE s.device_id = d.id AND s.score_alert = 1),
+        (SELECT COALESCE(SUM(g.count), 0) FROM gaps g WHERE g.device_id = d.id)
+     FROM devices d ORDER BY d.id";
+
+/// A query argument, for both backends.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+impl From<Arg> for Value {
+    fn from(a: Arg) -> Self {
+        match a {
+            Arg::Text(s) => Value::Text(s),
+            Arg::Int(i) => Value::Integer(i),
+        }
+    }
+}
+
+/// The summary query's SQL and arguments; `param(n)` writes the n-th (1-based) placeholder.
+pub(crate) fn summary_sql(
+    f: &SummaryFilter,
+    param: impl Fn(usize) -> String,
+) -> (String, Vec<Arg>) {
+    let q = &f.query;
+    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM summaries WHERE 1 = 1");
+    let mut args: Vec<Arg> = Vec::new();
+    let mut push = |sql: &mut String, clause: &str, arg: Arg| {
+        args.push(arg);
+        sql.push_str(&clause.replace('?', &param(args.len())));
+    };
+    if let Some(device) = &q.device {
+        push(&mut sql, " AND device_id = ?", Arg::Text(device.clone()));
+    }
+    if let Some(stream) = &q.stream {
+        push(&mut sql, " AND stream = ?", Arg::Text(stream.clone()));
+    }
+    if let Some(from) = q.from_ms {
+        push(&mut sql, " AND window_start_ms >= ?", Arg::Int(from));
+    }
+    if let Some(to) = q.to_ms {
+        push(&mut sql, " AND window_start_ms < ?", Arg::Int(to));
+    }
+    if f.alerts_only {
+        sql.push_str(" AND score_alert = 1");
+    }
+    if let Some(after) = &f.after {
+        push(
+            &mut sql,
+            " AND (window_start_ms, device_id, stream) > (?",
+            Arg::Int(after.window_start_ms),
+        );
+        push(&mut sql, ", ?", Arg::Text(after.device_id.clone()));
+        push(&mut sql, ", ?)", Arg::Text(after.stream.clone()));
+    }
+    // At most MAX_QUERY_LIMIT, so it fits.
+    push(
+        &mut sql,
+        " ORDER BY window_start_ms, device_id, stream LIMIT ?",
+        Arg::Int(q.limit.min(MAX_QUERY_LIMIT) as i64),
+    );
+    (sql, args)
+}
+
+/// The gap query's SQL and arguments, as [`summary_sql`].
+pub(crate) fn gap_sql(q: &GapQuery, param: impl Fn(usize) -> String) -> (String, Vec<Arg>) {
+    let mut sql = String::from(
+        "SELECT device_id, seq, streams, from_ms, to_ms, count, reason, recorded_at_ms,
+                received_at_ms
+         FROM gaps WHERE 1 = 1",
+    );
+    let mut args: Vec<Arg> = Vec::new();
+    let mut push = |sql: &mut String, clause: &str, arg: Arg| {
+        args.push(arg);
+        sql.push_str(&clause.replace('?', &param(args.len())));
+    };
+    if let Some(device) = &q.device {
+        push(&mut sql, " AND device_id = ?", Arg::Text(device.clone()));
+    }
+    if let Some(from) = q.from_ms {
+        push(&mut sql, " AND to_ms >= ?", Arg::Int(from));
+    }
+    if let Some(to) = q.to_ms {
+        push(&mut sql, " AND from_ms < ?", Arg::Int(to));
+    }
+    if let Some((device, seq)) = &q.after {
+        push(
+            &mut sql,
+            " AND (device_id, seq) > (?",
+            Arg::Text(device.clone()),
+        );
+        push(
+            &mut sql,
+            ", ?)",
+            Arg::Int(i64::try_from(*seq).unwrap_or(i64::MAX)),
+        );
+    }
+    push(
+        &mut sql,
+        " ORDER BY device_id, seq LIMIT ?",
+        Arg::Int(q.limit.min(MAX_QUERY_LIMIT) as i64),
+    );
+    (sql, args)
+}
+
+/// Gap streams are stored as a JSON array of strings.
+pub(crate) fn streams_json(streams: &[String]) -> String {
+    serde_json::to_string(streams).unwrap_or_else(|_| "[]".to_owned())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gap_from_parts(
+    device_id: String,
+    seq: i64,
+    streams: &str,
+    from_ms: i64,
+    to_ms: i64,
+    count: i64,
+    reason: String,
+    recorded_at_ms: i64,
+    received_at_ms: i64,
+) -> Result<StoredGap, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("gap {device_id}/{seq}: {what}"));
+    Ok(StoredGap {
+        seq: u64::try_from(seq).map_err(|_| corrupt("negative seq"))?,
+        count: u64::try_from(count).map_err(|_| corrupt("negative count"))?,
+        streams: serde_json::from_str(streams).map_err(|_| corrupt("streams are not JSON"))?,
+        device_id,
+        from_ms,
+        to_ms,
+        reason,
+        recorded_at_ms,
+        received_at_ms,
+    })
+}
+
+fn current_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |row| row.get(0),
+    )
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version       INTEGER PRIMARY KEY NOT NULL,
+             applied_at_ms INTEGER NOT NULL
+         )",
+    )?;
+    let found = current_version(conn)?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (version, sql) in (1..).zip(MIGRATIONS).skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?1, ?2)",
+            params![version, now_ms()],
+        )?;
+        tx.commit()?;
+        tracing::info!(version, "applied database migration");
+    }
+    Ok(())
+}
+
+fn stored_summary_from_row(row: &Row<'_>) -> rusqlite::Result<StoredSummary> {
+    let device_id: String = row.get(0)?;
+    let revision = row.get::<_, i64>(4)?;
+    let revision = u32::try_from(revision).map_err(|e| out_of_range(4, e))?;
+    let score = match row.get::<_, Option<f64>>(16)? {
+        None => None,
+        Some(value) => Some(Score {
+            value,
+            alert: row.get::<_, Option<i64>>(17)?.unwrap_or(0) != 0,
+            model: row.get::<_, Option<String>>(18)?.unwrap_or_default(),
+        }),
+    };
+    Ok(StoredSummary {
+        summary: WindowSummary {
+            agent_id: device_id.clone(),
+            stream: row.get(1)?,
+            window_start_ms: row.get(2)?,
+            window_end_ms: row.get(3)?,
+            revision,
+            count: non_negative(row, 5)?,
+            min: row.get(6)?,
+            max: row.get(7)?,
+            mean: row.get(8)?,
+            stddev: row.get(9)?,
+            first_value: row.get(10)?,
+            first_time_ms: row.get(11)?,
+            last_value: row.get(12)?,
+            last_time_ms: row.get(13)?,
+            unit: row.get(14)?,
+            score,
+        },
+        device_id,
+        received_at_ms: row.get(15)?,
+    })
+}
+
+fn non_negative(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v).map_err(|e| out_of_range(idx, e))
+}
+
+fn out_of_range(idx: usize, e: std::num::TryFromIntError) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SummaryKey;
+
+    fn outcome(inserted: u64, duplicates: u64, revised: u64) -> IngestOutcome {
+        IngestOutcome {
+            inserted,
+            duplicates,
+            revised,
+            ..IngestOutcome::default()
+        }
+    }
+
+    fn summary(agent: &str, stream: &str, start_ms: i64, revision: u32) -> WindowSummary {
+        WindowSummary {
+            agent_id: agent.to_owned(),
+            stream: stream.to_owned(),
+            window_start_ms: start_ms,
+            window_end_ms: start_ms + 10_000,
+            revision,
+            count: 3,
+            min: 20.0,
+            max: 22.0,
+            mean: 21.0,
+            stddev: 0.8,
+            first_value: 20.0,
+            first_time_ms: start_ms + 500,
+            last_value: 22.0,
+            last_time_ms: start_ms + 9_500,
+            unit: Some("Cel".to_owned()),
+            score: None,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("cloud.db")).expect("open store");
+        (dir, store)
+    }
+
+    fn all(store: &Store) -> Vec<StoredSummary> {
+        store.summaries(&SummaryQuery::default()).expect("query")
+    }
+
+    #[test]
+    fn open_creates_schema_v2_in_wal_mode_and_reopens() {
+        let (dir, store) = open();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        let mode: String = store
+            .lock()
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        store.add_device("gw-1").unwrap();
+        drop(store);
+        let again = Store::open(&dir.path().join("cloud.db")).unwrap();
+        assert_eq!(again.schema_version().unwrap(), 2);
+        assert_eq!(again.devices().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn refuses_a_schema_newer_than_it_knows() {
+        let (dir, store) = open();
+        store
+            .lock()
+            .execute(
+                "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (99, 0)",
+                [],
+            )
+            .unwrap();
+        drop(store);
+        let err = Store::open(&dir.path().join("cloud.db")).unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::SchemaTooNew {
+                found: 99,
+                known: 2
+            }
+        ));
+    }
+
+    #[test]
+    fn same_summary_twice_is_one_row_and_one_duplicate() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        let s = summary("gw-1", "n1/temp", 1_000_000, 0);
+        let first = store.ingest("gw-1", std::slice::from_ref(&s)).unwrap();
+        assert_eq!(first, outcome(1, 0, 0));
+        let second = store.ingest("gw-1", std::slice::from_ref(&s)).unwrap();
+        assert_eq!(second, outcome(0, 1, 0));
+        let rows = all(&store);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].summary, s);
+        assert_eq!(rows[0].device_id, "gw-1");
+    }
+
+    #[test]
+    fn higher_revision_replaces_the_window() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        store
+            .ingest("gw-1", &[summary("gw-1", "n1/temp", 0, 0)])
+            .unwrap();
+        let mut rev1 = summary("gw-1", "n1/temp", 0, 1);
+        rev1.count = 4;
+        rev1.max = 30.0;
+        let out = store.ingest("gw-1", std::slice::from_ref(&rev1)).unwrap();
+        assert_eq!(out, outcome(0, 0, 1));
+        let rows = all(&store);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].summary, rev1);
+    }
+
+    #[test]
+    fn lower_or_equal_revision_is_a_duplicate_and_changes_nothing() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        let rev2 = summary("gw-1", "n1/temp", 0, 2);
+        store.ingest("gw-1", std::slice::from_ref(&rev2)).unwrap();
+        let mut rev1 = summary("gw-1", "n1/temp", 0, 1);
+        rev1.mean = 20.5;
+        let mut rev2_other = rev2.clone();
+        rev2_other.mean = 21.5;
+        let out = store.ingest("gw-1", &[rev1, rev2_other]).unwrap();
+        assert_eq!(out, outcome(0, 2, 0));
+        assert_eq!(all(&store)[0].summary, rev2);
+    }
+
+    #[test]
+    fn query_filters_by_device_stream_and_half_open_time_range() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        store.add_device("gw-2").unwrap();
+        let gw1: Vec<_> = (0..5)
+            .map(|i| summary("gw-1", "n1/temp", i * 10_000, 0))
+            .chain([summary("gw-1", "n1/hum", 0, 0)])
+            .collect();
+        store.ingest("gw-1", &gw1).unwrap();
+        store
+            .ingest("gw-2", &[summary("gw-2", "n1/temp", 0, 0)])
+            .unwrap();
+
+        let q = |device: Option<&str>, stream: Option<&str>, from, to, limit| SummaryQuery {
+            device: device.map(str::to_owned),
+            stream: stream.map(str::to_owned),
+            from_ms: from,
+            to_ms: to,
+            limit,
+        };
+        assert_eq!(all(&store).len(), 7);
+        let by_device = store
+            .summaries(&q(Some("gw-2"), None, None, None, 100))
+            .unwrap();
+        assert_eq!(by_device.len(), 1);
+        assert_eq!(by_device[0].device_id, "gw-2");
+        let by_stream = store
+            .summaries(&q(Some("gw-1"), Some("n1/hum"), None, None, 100))
+            .unwrap();
+        assert_eq!(by_stream.len(), 1);
+        assert_eq!(by_stream[0].summary.stream, "n1/hum");
+        // [10_000, 30_000) holds the windows starting at 10_000 and 20_000, not 30_000.
+        let range = store
+            .summaries(&q(
+                Some("gw-1"),
+                Some("n1/temp"),
+                Some(10_000),
+                Some(30_000),
+                100,
+            ))
+            .unwrap();
+        let starts: Vec<i64> = range.iter().map(|r| r.summary.window_start_ms).collect();
+        assert_eq!(starts, [10_000, 20_000]);
+        let limited = store.summaries(&q(None, None, None, None, 2)).unwrap();
+        assert_eq!(limited.len(), 2);
+        assert!(limited.iter().all(|r| r.summary.window_start_ms == 0));
+    }
+
+    #[test]
+    fn tokens_authenticate_their_device_only() {
+        let (_dir, store) = open();
+        let t1 = store.add_device("gw-1").unwrap();
+        let t2 = store.add_device("gw-2").unwrap();
+        assert_ne!(t1, t2);
+        assert_eq!(store.authenticate(&t1).unwrap().as_deref(), Some("gw-1"));
+        assert_eq!(store.authenticate(&t2).unwrap().as_deref(), Some("gw-2"));
+        assert_eq!(store.authenticate("not-a-token").unwrap(), None);
+        assert_eq!(store.authenticate("").unwrap(), None);
+        // Only the hash is stored.
+        let stored: String = store
+            .lock()
+            .query_row(
+                "SELECT token_hash FROM devices WHERE id = 'gw-1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_ne!(stored, t1);
+        assert_eq!(stored, TokenHash::of(&t1).as_hex());
+        assert!(matches!(
+            store.add_device("gw-1"),
+            Err(StoreError::DeviceExists(_))
+        ));
+        assert!(matches!(
+            store.add_device(""),
+            Err(StoreError::InvalidDeviceId(_))
+        ));
+        assert!(matches!(
+            store.add_device("a b"),
+            Err(StoreError::InvalidDeviceId(_))
+        ));
+    }
+
+    #[test]
+    fn revoked_token_is_refused() {
+        let (_dir, store) = open();
+        let token = store.add_device("gw-1").unwrap();
+        assert!(store.revoke_device("gw-1").unwrap());
+        assert!(!store.revoke_device("nobody").unwrap());
+        assert_eq!(store.authenticate(&token).unwrap(), None);
+        assert!(store.devices().unwrap()[0].revoked);
+    }
+
+    #[test]
+    fn a_bad_summary_rejects_the_whole_batch() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        let mut bad = summary("gw-1", "n1/temp", 20_000, 0);
+        bad.mean = f64::NAN;
+        let batch = [
+            summary("gw-1", "n1/temp", 0, 0),
+            summary("gw-1", "n1/temp", 10_000, 0),
+            bad,
+        ];
+        let err = store.ingest("gw-1", &batch).unwrap_err();
+        assert!(matches!(err, StoreError::InvalidSummary { index: 2, .. }));
+        let foreign = [
+            summary("gw-1", "n1/temp", 0, 0),
+            summary("gw-2", "n1/temp", 0, 0),
+        ];
+        let err = store.ingest("gw-1", &foreign).unwrap_err();
+        assert!(matches!(err, StoreError::ForeignSummary { index: 1, .. }));
+        let err = store
+            .ingest("ghost", &[summary("ghost", "n1/temp", 0, 0)])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::UnknownDevice(_)));
+        assert!(all(&store).is_empty());
+    }
+
+    #[test]
+    fn devices_report_counts_and_last_seen() {
+        let (_dir, store) = open();
+        store.add_device("gw-b").unwrap();
+        store.add_device("gw-a").unwrap();
+        store
+            .ingest(
+                "gw-b",
+                &[summary("gw-b", "s", 0, 0), summary("gw-b", "s", 10_000, 0)],
+            )
+            .unwrap();
+        let devices = store.devices().unwrap();
+        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["gw-a", "gw-b"]);
+        assert_eq!(devices[0].summary_count, 0);
+        assert_eq!(devices[0].last_seen_ms, None);
+        assert_eq!(devices[1].summary_count, 2);
+        assert!(devices[1].last_seen_ms.is_some());
+        assert!(!devices[1].revoked);
+    }
+
+    #[test]
+    fn stored_summary_json_is_flat_with_hex_id() {
+        let s = StoredSummary {
+            device_id: "gw-1".into(),
+            summary: summary("gw-1", "n1/temp", 0, 0),
+            received_at_ms: 5,
+        };
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["id"], s.summary.id().to_string());
+        assert_eq!(json["stream"], "n1/temp");
+        assert_eq!(json["received_at_ms"], 5);
+        assert_eq!(json["mean"], 21.0);
+        let back: StoredSummary = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+    }
+
+    fn scored(mut s: WindowSummary, value: f64, alert: bool) -> WindowSummary {
+        s.score = Some(Score {
+            value,
+            alert,
+            model: "anomaly@3f2a9c1d".to_owned(),
+        });
+        s
+    }
+
+    fn gap(agent: &str, seq: u64, from_ms: i64, to_ms: i64) -> Gap {
+        Gap {
+            agent_id: agent.to_owned(),
+            seq,
+            streams: vec!["n1/temp".to_owned(), "n2/hum".to_owned()],
+            from_ms,
+            to_ms,
+            count: 7,
+            reason: "buffer_full".to_owned(),
+            recorded_at_ms: to_ms + 1,
+        }
+    }
+
+    #[test]
+    fn scores_are_stored_and_alerts_are_queryable() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        let plain = summary("gw-1", "n1/temp", 0, 0);
+        let calm = scored(summary("gw-1", "n1/temp", 10_000, 0), 0.1, false);
+        let alert = scored(summary("gw-1", "n1/temp", 20_000, 0), 0.97, true);
+        store
+            .ingest("gw-1", &[plain.clone(), calm.clone(), alert.clone()])
+            .unwrap();
+        let got: Vec<_> = all(&store).into_iter().map(|r| r.summary).collect();
+        assert_eq!(got, [plain, calm, alert.clone()]);
+        let alerts = store
+            .summary_page(&SummaryFilter {
+                alerts_only: true,
+                ..SummaryFilter::default()
+            })
+            .unwrap();
+        assert_eq!(alerts.len(), 1);
+        assert_eq!(alerts[0].summary, alert);
+        assert_eq!(store.devices().unwrap()[0].alert_count, 1);
+        // A higher revision without a score clears it.
+        let rev1 = summary("gw-1", "n1/temp", 20_000, 1);
+        store.ingest("gw-1", std::slice::from_ref(&rev1)).unwrap();
+        assert_eq!(all(&store)[2].summary, rev1);
+        assert_eq!(store.devices().unwrap()[0].alert_count, 0);
+    }
+
+    #[test]
+    fn gaps_are_stored_once_per_seq_and_queryable_by_overlap() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        store.add_device("gw-2").unwrap();
+        let g1 = gap("gw-1", 1, 0, 10_000);
+        let g2 = gap("gw-1", 2, 50_000, 60_000);
+        let out = store
+            .ingest_batch(
+                "gw-1",
+                &[summary("gw-1", "s", 0, 0)],
+                &[g1.clone(), g2.clone()],
+            )
+            .unwrap();
+        assert_eq!(
+            (out.inserted, out.gaps_inserted, out.gaps_duplicate),
+            (1, 2, 0)
+        );
+        let again = store
+            .ingest_batch("gw-1", &[], std::slice::from_ref(&g2))
+            .unwrap();
+        assert_eq!((again.gaps_inserted, again.gaps_duplicate), (0, 1));
+        store
+            .ingest_batch("gw-2", &[], &[gap("gw-2", 1, 0, 1)])
+            .unwrap();
+
+        let gaps = store.gaps(&GapQuery::default()).unwrap();
+        assert_eq!(gaps.len(), 3);
+        assert_eq!(gaps[0].device_id, "gw-1");
+        assert_eq!(gaps[0].seq, 1);
+        assert_eq!(gaps[0].streams, g1.streams);
+        assert_eq!(
+            (gaps[0].from_ms, gaps[0].to_ms, gaps[0].count),
+            (0, 10_000, 7)
+        );
+        assert_eq!(gaps[0].reason, "buffer_full");
+        let q = |device: Option<&str>, from, to| GapQuery {
+            device: device.map(str::to_owned),
+            from_ms: from,
+            to_ms: to,
+            ..GapQuery::default()
+        };
+        let seqs =
+            |q: GapQuery| -> Vec<u64> { store.gaps(&q).unwrap().iter().map(|g| g.seq).collect() };
+        assert_eq!(seqs(q(Some("gw-1"), None, None)), [1, 2]);
+        // Overlap with [10_000, 50_000): g1 ends at 10_000 (inclusive), g2 starts at 50_000.
+        assert_eq!(seqs(q(Some("gw-1"), Some(10_000), Some(50_000))), [1]);
+        assert_eq!(seqs(q(Some("gw-1"), Some(10_001), Some(50_001))), [2]);
+        let after = GapQuery {
+            after: Some(("gw-1".to_owned(), 1)),
+            ..GapQuery::default()
+        };
+        let rest: Vec<_> = store
+            .gaps(&after)
+            .unwrap()
+            .into_iter()
+            .map(|g| (g.device_id, g.seq))
+            .collect();
+        assert_eq!(rest, [("gw-1".to_owned(), 2), ("gw-2".to_owned(), 1)]);
+        assert_eq!(store.devices().unwrap()[0].evicted_count, 14);
+        // A foreign gap refuses the whole batch.
+        let err = store
+            .ingest_batch(
+                "gw-1",
+                &[summary("gw-1", "s", 90_000, 0)],
+                &[gap("gw-2", 9, 0, 1)],
+            )
+            .unwrap_err();
+        assert!(matches!(err, StoreError::ForeignGap { index: 0, .. }));
+        assert_eq!(all(&store).len(), 1);
+    }
+
+    #[test]
+    fn paging_by_cursor_visits_every_row_once() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        store.add_device("gw-2").unwrap();
+        for dev in ["gw-1", "gw-2"] {
+            let batch: Vec<_> = (0..7)
+                .flat_map(|i| {
+                    [
+                        summary(dev, "a", i * 10_000, 0),
+                        summary(dev, "b", i * 10_000, 0),
+                    ]
+                })
+                .collect();
+            store.ingest(dev, &batch).unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store
+                .summary_page(&SummaryFilter {
+                    query: SummaryQuery {
+                        limit: 4,
+                        ..SummaryQuery::default()
+                    },
+                    after: after.clone(),
+                    ..SummaryFilter::default()
+                })
+                .unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map(SummaryKey::of);
+            seen.extend(page.iter().map(SummaryKey::of));
+        }
+        assert_eq!(seen.len(), 28);
+        let mut sorted = seen.clone();
+        sorted.sort_by(|a, b| {
+            (a.window_start_ms, &a.device_id, &a.stream).cmp(&(
+                b.window_start_ms,
+                &b.device_id,
+                &b.stream,
+            ))
+        });
+        sorted.dedup();
+        assert_eq!(seen, sorted);
+    }
+
+    #[test]
+    fn a_v1_file_is_migrated_to_v2_keeping_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY NOT NULL,
+                                                 applied_at_ms INTEGER NOT NULL);
+                 INSERT INTO schema_migrations VALUES (1, 0);",
+            )
+            .unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO devices (id, token_hash, created_at_ms) VALUES ('gw-1', 'h', 0);
+                 INSERT INTO summaries VALUES ('gw-1', 's', 0, 10000, 0, 3, 20, 22, 21, 0.8,
+                     20, 500, 22, 9500, 'Cel', 'x', 1);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        let rows = all(&store);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].summary, summary("gw-1", "s", 0, 0));
+        let rev = scored(summary("gw-1", "s", 0, 1), 0.9, true);
+        store.ingest("gw-1", std::slice::from_ref(&rev)).unwrap();
+        assert_eq!(all(&store)[0].summary, rev);
+    }
+}

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::StatusCode;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -37,7 +37,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::bearer_token;
 use crate::metrics::{Metrics, PROMETHEUS_CONTENT_TYPE, RejectReason};
 use crate::store::{
-    DEFAULT_QUERY_LIMIT, DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, Store, StoreError,
+    DEFAULT_QUERY_LIMIT, DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, Storage, StoreError,
     StoredGap, StoredSummary, SummaryFilter, SummaryKey, SummaryQuery, check_batch,
 };
 
@@ -77,6 +77,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The database cannot be reached now; the client should retry (503 with `Retry-After`).
+    #[error("the database is unavailable; retry later")]
+    Unavailable(String),
     /// The cause is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -91,6 +94,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -103,7 +107,7 @@ impl ApiError {
             ApiError::Malformed(_) => Some(RejectReason::Malformed),
             ApiError::Invalid(_) => Some(RejectReason::Invalid),
             ApiError::PayloadTooLarge { .. } => Some(RejectReason::TooLarge),
-            ApiError::BadRequest(_) | ApiError::Internal(_) => None,
+            ApiError::BadRequest(_) | ApiError::Unavailable(_) | ApiError::Internal(_) => None,
         }
     }
 }
@@ -120,6 +124,7 @@ impl From<StoreError> for ApiError {
             }
             // The device was removed between authentication and storing.
             StoreError::UnknownDevice(_) => ApiError::Unauthorized,
+            StoreError::Unavailable(cause) => ApiError::Unavailable(cause),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -133,52 +138,50 @@ impl IntoResponse for ApiError {
                 tracing::error!(%cause, "request failed");
                 "internal server error".to_owned()
             }
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(%cause, "database unavailable");
+                self.to_string()
+            }
             other => other.to_string(),
         };
-        (status, Json(serde_json::json!({ "error": message }))).into_response()
+        let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
+        if let ApiError::Unavailable(_) = self {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
 #[derive(Clone)]
-struct AppState {
-    store: Store,
+struct AppState<S> {
+    store: S,
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
 }
 
 /// The receiver's routes over `store`, counting into `metrics`.
-pub fn router(store: Store, metrics: Arc<Metrics>, cfg: &ServerConfig) -> Router {
+pub fn router<S: Storage>(store: S, metrics: Arc<Metrics>, cfg: &ServerConfig) -> Router {
     let state = AppState {
         store,
         metrics,
         max_body_bytes: cfg.max_body_bytes,
     };
     Router::new()
-        .route("/v1/ingest", post(ingest))
-        .route("/v1/devices", get(list_devices))
-        .route("/v1/summaries", get(list_summaries))
-        .route("/v1/alerts", get(list_alerts))
-        .route("/v1/gaps", get(list_gaps))
-        .route("/metrics", get(render_metrics))
-        .route("/healthz", get(healthz))
+        .route("/v1/ingest", post(ingest::<S>))
+        .route("/v1/devices", get(list_devices::<S>))
+        .route("/v1/summaries", get(list_summaries::<S>))
+        .route("/v1/alerts", get(list_alerts::<S>))
+        .route("/v1/gaps", get(list_gaps::<S>))
+        .route("/metrics", get(render_metrics::<S>))
+        .route("/healthz", get(healthz::<S>))
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
-/// Runs a store call on the blocking pool.
-async fn blocking<T, F>(call: F) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(call).await {
-        Ok(result) => result.map_err(ApiError::from),
-        Err(e) => Err(ApiError::Internal(format!("database task failed: {e}"))),
-    }
-}
-
-async fn ingest(State(state): State<AppState>, request: Request) -> Response {
+async fn ingest<S: Storage>(State(state): State<AppState<S>>, request: Request) -> Response {
     let response = match ingest_batch(&state, request).await {
         Ok(outcome) => {
             state.metrics.record_outcome(&outcome);
@@ -198,12 +201,16 @@ async fn ingest(State(state): State<AppState>, request: Request) -> Response {
     response
 }
 
-async fn ingest_batch(state: &AppState, request: Request) -> Result<IngestOutcome, ApiError> {
+async fn ingest_batch<S: Storage>(
+    state: &AppState<S>,
+    request: Request,
+) -> Result<IngestOutcome, ApiError> {
     let token = bearer_token(request.headers())
         .map_err(|_| ApiError::Unauthorized)?
         .to_owned();
-    let store = state.store.clone();
-    let device = blocking(move || store.authenticate(&token))
+    let device = state
+        .store
+        .authenticate(token)
         .await?
         .ok_or(ApiError::Unauthorized)?;
 
@@ -235,13 +242,16 @@ async fn ingest_batch(state: &AppState, request: Request) -> Result<IngestOutcom
     }
     check_batch(&device, &batch.summaries, &batch.gaps)?;
 
-    let store = state.store.clone();
-    blocking(move || store.ingest_batch(&device, &batch.summaries, &batch.gaps)).await
+    Ok(state
+        .store
+        .store_batch(device, batch.summaries, batch.gaps)
+        .await?)
 }
 
-async fn list_devices(State(state): State<AppState>) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
-    let store = state.store.clone();
-    Ok(Json(blocking(move || store.devices()).await?))
+async fn list_devices<S: Storage>(
+    State(state): State<AppState<S>>,
+) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
+    Ok(Json(state.store.list_devices().await?))
 }
 
 /// Raw `/v1/summaries` and `/v1/alerts` parameters; empty values count as absent.
@@ -346,25 +356,27 @@ fn page<T: serde::Serialize>(
     response
 }
 
-async fn summary_page(state: &AppState, filter: SummaryFilter) -> Result<Response, ApiError> {
+async fn summary_page<S: Storage>(
+    state: &AppState<S>,
+    filter: SummaryFilter,
+) -> Result<Response, ApiError> {
     let limit = filter.query.limit;
-    let store = state.store.clone();
-    let rows = blocking(move || store.summary_page(&filter)).await?;
+    let rows = state.store.find_summaries(filter).await?;
     Ok(page(rows, limit, |r: &StoredSummary| {
         SummaryKey::of(r).to_cursor()
     }))
 }
 
-async fn list_summaries(
-    State(state): State<AppState>,
+async fn list_summaries<S: Storage>(
+    State(state): State<AppState<S>>,
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     summary_page(&state, params.parse(false)?).await
 }
 
-async fn list_alerts(
-    State(state): State<AppState>,
+async fn list_alerts<S: Storage>(
+    State(state): State<AppState<S>>,
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -392,8 +404,8 @@ fn parse_gap_cursor(s: &str) -> Option<(String, u64)> {
     Some((device, seq.parse().ok()?))
 }
 
-async fn list_gaps(
-    State(state): State<AppState>,
+async fn list_gaps<S: Storage>(
+    State(state): State<AppState<S>>,
     params: Result<Query<GapParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -408,21 +420,19 @@ async fn list_gaps(
         limit: limit(p.limit)?,
     };
     let limit = query.limit;
-    let store = state.store.clone();
-    let rows = blocking(move || store.gaps(&query)).await?;
+    let rows = state.store.find_gaps(query).await?;
     Ok(page(rows, limit, gap_cursor))
 }
 
-async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+async fn render_metrics<S: Storage>(State(state): State<AppState<S>>) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
         state.metrics.render_prometheus(),
     )
 }
 
-async fn healthz(State(state): State<AppState>) -> Response {
-    let store = state.store.clone();
-    match blocking(move || store.ping()).await {
+async fn healthz<S: Storage>(State(state): State<AppState<S>>) -> Response {
+    match state.store.ping().await {
         Ok(()) => (StatusCode::OK, "ok").into_response(),
         Err(e) => {
             tracing::error!(error = %e, "health check: database does not answer");

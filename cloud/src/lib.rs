@@ -27,6 +27,6 @@ pub use auth::DeviceToken;
 pub use metrics::{Metrics, MetricsSnapshot, RejectReason};
 pub use server::Receiver;
 pub use store::{
-    DeviceInfo, GapQuery, IngestOutcome, Store, StoreError, StoredGap, StoredSummary,
-    SummaryFilter, SummaryKey, SummaryQuery,
+    AnyStore, DeviceInfo, GapQuery, IngestOutcome, PgConfig, PgStore, Storage, Store, StoreError,
+    StoredGap, StoredSummary, SummaryFilter, SummaryKey, SummaryQuery,
 };

@@ -2,20 +2,24 @@
 //!
 //! ```text
 //! edgewise-cloud serve --listen 127.0.0.1:8080 --db edgewise-cloud.db [--max-body-bytes N]
+//! edgewise-cloud serve --pg-url postgres://user@host/db [--pg-max-connections N]
 //! edgewise-cloud device add ID --db FILE       # prints the new token once, on stdout
 //! edgewise-cloud device list --db FILE
 //! edgewise-cloud device revoke ID --db FILE
 //! ```
 //!
+//! `--pg-url` (or `EDGEWISE_CLOUD_PG_URL`) selects PostgreSQL instead of the SQLite file; every
+//! command takes it.
+//!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info`). `serve` stops gracefully on
 //! ctrl-c or SIGTERM. The library does the work; this file only parses arguments and reports.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use edgewise_cloud::{Receiver, ServerConfig, Store};
+use edgewise_cloud::{AnyStore, PgConfig, PgStore, Receiver, ServerConfig, Storage, Store};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -29,6 +33,20 @@ struct Cli {
     command: Command,
 }
 
+/// Where the data lives: a SQLite file, or PostgreSQL when `--pg-url` is given.
+#[derive(Debug, clap::Args)]
+struct DbArgs {
+    /// SQLite database file (created if missing); ignored with --pg-url.
+    #[arg(long, env = "EDGEWISE_CLOUD_DB", default_value = "edgewise-cloud.db")]
+    db: PathBuf,
+    /// PostgreSQL URL, e.g. postgres://edgewise@db.internal:5432/edgewise.
+    #[arg(long, env = "EDGEWISE_CLOUD_PG_URL")]
+    pg_url: Option<String>,
+    /// Most PostgreSQL connections this process opens.
+    #[arg(long, env = "EDGEWISE_CLOUD_PG_MAX_CONNECTIONS", default_value_t = PgConfig::default().max_connections)]
+    pg_max_connections: usize,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP receiver.
@@ -36,9 +54,8 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "EDGEWISE_CLOUD_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
-        /// SQLite database file (created if missing).
-        #[arg(long, env = "EDGEWISE_CLOUD_DB", default_value = "edgewise-cloud.db")]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
         /// Largest accepted request body in bytes; larger ones get 413.
         #[arg(long, env = "EDGEWISE_CLOUD_MAX_BODY_BYTES", default_value_t = ServerConfig::default().max_body_bytes)]
         max_body_bytes: usize,
@@ -55,19 +72,19 @@ enum DeviceCommand {
     /// Register a device and print its token (shown only once).
     Add {
         id: String,
-        #[arg(long, env = "EDGEWISE_CLOUD_DB", default_value = "edgewise-cloud.db")]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
     },
     /// List devices with their summary counts.
     List {
-        #[arg(long, env = "EDGEWISE_CLOUD_DB", default_value = "edgewise-cloud.db")]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
     },
     /// Revoke a device's token (its data stays).
     Revoke {
         id: String,
-        #[arg(long, env = "EDGEWISE_CLOUD_DB", default_value = "edgewise-cloud.db")]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
     },
 }
 
@@ -86,11 +103,16 @@ async fn main() -> anyhow::Result<()> {
             listen,
             db,
             max_body_bytes,
-        } => serve(listen, &db, ServerConfig { max_body_bytes }).await,
+        } => {
+            let cfg = ServerConfig { max_body_bytes };
+            serve(listen, open(&db).await?, cfg).await
+        }
         Command::Device { command } => match command {
             DeviceCommand::Add { id, db } => {
-                let token = open(&db)?
-                    .add_device(&id)
+                let token = open(&db)
+                    .await?
+                    .register_device(id.clone())
+                    .await
                     .with_context(|| format!("adding device {id:?}"))?;
                 println!("{token}");
                 eprintln!(
@@ -99,23 +121,35 @@ async fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             DeviceCommand::List { db } => {
-                let devices = open(&db)?.devices().context("listing devices")?;
-                println!("id\tcreated_at_ms\tlast_seen_ms\tsummaries\trevoked");
+                let devices = open(&db)
+                    .await?
+                    .list_devices()
+                    .await
+                    .context("listing devices")?;
+                println!("id\tcreated_at_ms\tlast_seen_ms\tsummaries\talerts\tevicted\trevoked");
                 for d in devices {
                     let last_seen = d.last_seen_ms.map_or("-".to_owned(), |t| t.to_string());
                     println!(
-                        "{}\t{}\t{}\t{}\t{}",
-                        d.id, d.created_at_ms, last_seen, d.summary_count, d.revoked
+                        "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                        d.id,
+                        d.created_at_ms,
+                        last_seen,
+                        d.summary_count,
+                        d.alert_count,
+                        d.evicted_count,
+                        d.revoked
                     );
                 }
                 Ok(())
             }
             DeviceCommand::Revoke { id, db } => {
-                let revoked = open(&db)?
-                    .revoke_device(&id)
+                let revoked = open(&db)
+                    .await?
+                    .revoke(id.clone())
+                    .await
                     .with_context(|| format!("revoking device {id:?}"))?;
                 if !revoked {
-                    bail!("no device {id:?} in {}", db.display());
+                    bail!("no device {id:?}");
                 }
                 eprintln!("device {id:?} revoked");
                 Ok(())
@@ -124,16 +158,31 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn open(db: &Path) -> anyhow::Result<Store> {
-    Store::open(db).with_context(|| format!("opening database {}", db.display()))
+async fn open(db: &DbArgs) -> anyhow::Result<AnyStore> {
+    match &db.pg_url {
+        Some(url) => {
+            let cfg = PgConfig {
+                max_connections: db.pg_max_connections,
+                ..PgConfig::default()
+            };
+            // The URL may carry a password: do not echo it.
+            Ok(PgStore::connect(url, &cfg)
+                .await
+                .context("connecting to PostgreSQL (--pg-url)")?
+                .into())
+        }
+        None => Ok(Store::open(&db.db)
+            .with_context(|| format!("opening database {}", db.db.display()))?
+            .into()),
+    }
 }
 
-async fn serve(listen: SocketAddr, db: &Path, cfg: ServerConfig) -> anyhow::Result<()> {
-    let store = open(db)?;
+async fn serve(listen: SocketAddr, store: AnyStore, cfg: ServerConfig) -> anyhow::Result<()> {
+    let backend = store.backend();
     let receiver = Receiver::start(listen, store, cfg)
         .await
         .with_context(|| format!("listening on {listen}"))?;
-    tracing::info!(addr = %receiver.local_addr(), db = %db.display(), "edgewise-cloud serving");
+    tracing::info!(addr = %receiver.local_addr(), backend, "edgewise-cloud serving");
     shutdown_signal()
         .await
         .context("waiting for a shutdown signal")?;

@@ -1,4 +1,4 @@
-//! [`Receiver`]: a running HTTP server over a [`Store`], with start and graceful stop.
+//! [`Receiver`]: a running HTTP server over any [`Storage`] backend, with start and graceful stop.
 //!
 //! The listen address, the store and the configuration are passed in, so tests run many
 //! receivers on port 0 in one process, each with its own database and [`Metrics`].
@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{ServerConfig, router};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::Storage;
 
 /// How long [`Receiver::stop`] waits for in-flight requests before cutting them off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -36,9 +36,9 @@ pub struct Receiver {
 
 impl Receiver {
     /// Binds `listen` (port 0 picks a free port) and serves on a spawned task.
-    pub async fn start(
+    pub async fn start<S: Storage>(
         listen: SocketAddr,
-        store: Store,
+        store: S,
         cfg: ServerConfig,
     ) -> std::io::Result<Receiver> {
         let listener = TcpListener::bind(listen).await?;

@@ -1,8 +1,10 @@
-//! The receiver over real HTTP on loopback, with a fresh SQLite file per test.
+//! The receiver over real HTTP on loopback: every test runs on a fresh SQLite file
+//! (`sqlite::*`) and on a fresh PostgreSQL database (`postgres::*`, when `EDGEWISE_TEST_PG_URL`
+//! is set): one suite, both backends.
 
 mod common;
 
-use common::{Harness, batch, summary, windows};
+use common::{Backend, Harness, batch, summary, windows};
 use edgewise_cloud::{DeviceInfo, IngestOutcome, MetricsSnapshot, ServerConfig};
 use edgewise_protocol::{Batch, Gap, Score};
 use reqwest::StatusCode;
@@ -23,10 +25,9 @@ fn parse_outcome(body: &str) -> IngestOutcome {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not an ingest answer ({e}): {body}"))
 }
 
-#[tokio::test]
-async fn good_batch_is_stored_and_served_by_summaries_query() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn good_batch_is_stored_and_served_by_summaries_query(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
     let sent = windows("gw-1", STREAM, 3);
 
     let a = h
@@ -61,10 +62,9 @@ async fn good_batch_is_stored_and_served_by_summaries_query() {
     assert!(devices[0].last_seen_ms.is_some());
 }
 
-#[tokio::test]
-async fn same_batch_twice_is_stored_once_and_reported_as_duplicates() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn same_batch_twice_is_stored_once_and_reported_as_duplicates(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
     let body = batch("gw-1", windows("gw-1", STREAM, 4));
 
     let first = h.post_ingest(Some(&token), body.clone()).await;
@@ -75,10 +75,9 @@ async fn same_batch_twice_is_stored_once_and_reported_as_duplicates() {
     assert_eq!(h.summaries("").await.len(), 4);
 }
 
-#[tokio::test]
-async fn higher_revision_replaces_and_lower_is_a_duplicate() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn higher_revision_replaces_and_lower_is_a_duplicate(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
     let rev0 = summary("gw-1", STREAM, 0, 0);
     let mut rev2 = summary("gw-1", STREAM, 0, 2);
     rev2.count = 11;
@@ -102,10 +101,9 @@ async fn higher_revision_replaces_and_lower_is_a_duplicate() {
     assert_eq!(stored[0].summary, rev2);
 }
 
-#[tokio::test]
-async fn missing_wrong_or_revoked_token_is_401() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn missing_wrong_or_revoked_token_is_401(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
     let body = batch("gw-1", windows("gw-1", STREAM, 1));
 
     let none = h.post_ingest(None, body.clone()).await;
@@ -125,7 +123,7 @@ async fn missing_wrong_or_revoked_token_is_401() {
         .unwrap();
     assert_eq!(basic.status(), StatusCode::UNAUTHORIZED);
 
-    assert!(h.store.revoke_device("gw-1").unwrap());
+    assert!(h.revoke("gw-1").await);
     let revoked = h.post_ingest(Some(&token), body).await;
     assert_eq!(revoked.status, StatusCode::UNAUTHORIZED);
 
@@ -133,11 +131,10 @@ async fn missing_wrong_or_revoked_token_is_401() {
     assert_eq!(h.receiver.metrics().snapshot().rejected_unauthorized, 4);
 }
 
-#[tokio::test]
-async fn device_writing_another_devices_data_is_403_and_nothing_is_stored() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
-    h.add_device("gw-2");
+async fn device_writing_another_devices_data_is_403_and_nothing_is_stored(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
+    h.add_device("gw-2").await;
 
     // The batch claims to be gw-2.
     let a = h
@@ -157,10 +154,9 @@ async fn device_writing_another_devices_data_is_403_and_nothing_is_stored() {
     assert_eq!(h.receiver.metrics().snapshot().rejected_forbidden, 2);
 }
 
-#[tokio::test]
-async fn garbage_or_unknown_version_is_400_with_a_message() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn garbage_or_unknown_version_is_400_with_a_message(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
 
     let a = h
         .post_ingest(Some(&token), b"{\"not\": \"cbor\"}".to_vec())
@@ -181,10 +177,9 @@ async fn garbage_or_unknown_version_is_400_with_a_message() {
     assert_eq!(h.receiver.metrics().snapshot().rejected_malformed, 3);
 }
 
-#[tokio::test]
-async fn invalid_summary_is_400_naming_index_and_reason_and_nothing_is_stored() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn invalid_summary_is_400_naming_index_and_reason_and_nothing_is_stored(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
 
     let mut nan = windows("gw-1", STREAM, 3);
     nan[2].mean = f64::NAN;
@@ -207,13 +202,15 @@ async fn invalid_summary_is_400_naming_index_and_reason_and_nothing_is_stored() 
     assert_eq!(h.receiver.metrics().snapshot().rejected_invalid, 2);
 }
 
-#[tokio::test]
-async fn more_than_10000_summaries_is_400() {
-    let h = Harness::start_with(ServerConfig {
-        max_body_bytes: 8 * 1024 * 1024,
-    })
+async fn more_than_10000_summaries_is_400(b: Backend) {
+    let h = Harness::start_with(
+        b,
+        ServerConfig {
+            max_body_bytes: 8 * 1024 * 1024,
+        },
+    )
     .await;
-    let token = h.add_device("gw-1");
+    let token = h.add_device("gw-1").await;
     let a = h
         .post_ingest(Some(&token), batch("gw-1", windows("gw-1", STREAM, 10_001)))
         .await;
@@ -227,14 +224,16 @@ async fn more_than_10000_summaries_is_400() {
     assert_eq!(parse_outcome(&a.body), outcome(10_000, 0, 0));
 }
 
-#[tokio::test]
-async fn oversize_body_is_413_and_nothing_is_stored() {
+async fn oversize_body_is_413_and_nothing_is_stored(b: Backend) {
     let limit = 64 * 1024;
-    let h = Harness::start_with(ServerConfig {
-        max_body_bytes: limit,
-    })
+    let h = Harness::start_with(
+        b,
+        ServerConfig {
+            max_body_bytes: limit,
+        },
+    )
     .await;
-    let token = h.add_device("gw-1");
+    let token = h.add_device("gw-1").await;
     let big = batch("gw-1", windows("gw-1", STREAM, 2_000));
     assert!(big.len() > limit);
 
@@ -251,9 +250,8 @@ async fn oversize_body_is_413_and_nothing_is_stored() {
     assert_eq!(parse_outcome(&a.body), outcome(10, 0, 0));
 }
 
-#[tokio::test]
-async fn summaries_query_rejects_bad_parameters_with_a_message() {
-    let h = Harness::start().await;
+async fn summaries_query_rejects_bad_parameters_with_a_message(b: Backend) {
+    let h = Harness::start(b).await;
     for query in [
         "from=yesterday",
         "to=1.5",
@@ -276,13 +274,15 @@ async fn summaries_query_rejects_bad_parameters_with_a_message() {
     );
 }
 
-#[tokio::test]
-async fn metrics_count_every_outcome() {
-    let h = Harness::start_with(ServerConfig {
-        max_body_bytes: 16 * 1024,
-    })
+async fn metrics_count_every_outcome(b: Backend) {
+    let h = Harness::start_with(
+        b,
+        ServerConfig {
+            max_body_bytes: 16 * 1024,
+        },
+    )
     .await;
-    let token = h.add_device("gw-1");
+    let token = h.add_device("gw-1").await;
     let two = batch("gw-1", windows("gw-1", STREAM, 2));
     let mut invalid = windows("gw-1", STREAM, 1);
     invalid[0].count = 0;
@@ -353,18 +353,16 @@ async fn metrics_count_every_outcome() {
     }
 }
 
-#[tokio::test]
-async fn healthz_answers_ok() {
-    let h = Harness::start().await;
+async fn healthz_answers_ok(b: Backend) {
+    let h = Harness::start(b).await;
     let a = h.get("/healthz").await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body, "ok");
 }
 
-#[tokio::test]
-async fn restart_on_the_same_port_and_db_keeps_serving_its_data() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn restart_on_the_same_port_and_db_keeps_serving_its_data(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
     let sent = windows("gw-1", STREAM, 5);
     let a = h
         .post_ingest(Some(&token), batch("gw-1", sent.clone()))
@@ -387,9 +385,8 @@ async fn restart_on_the_same_port_and_db_keeps_serving_its_data() {
     h.receiver.stop().await;
 }
 
-#[tokio::test]
-async fn stop_closes_the_listener() {
-    let h = Harness::start().await;
+async fn stop_closes_the_listener(b: Backend) {
+    let h = Harness::start(b).await;
     let addr = h.receiver.local_addr();
     assert_eq!(h.get("/healthz").await.status, StatusCode::OK);
     h.receiver.stop().await;
@@ -413,10 +410,9 @@ fn gap(agent: &str, seq: u64) -> Gap {
     }
 }
 
-#[tokio::test]
-async fn scores_and_gaps_are_stored_and_served() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn scores_and_gaps_are_stored_and_served(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
     let mut sent = windows("gw-1", STREAM, 3);
     sent[1].score = Some(Score {
         value: 0.93,
@@ -473,11 +469,10 @@ async fn scores_and_gaps_are_stored_and_served() {
     assert_eq!(devices[0]["evicted_count"], 12);
 }
 
-#[tokio::test]
-async fn a_foreign_or_invalid_gap_refuses_the_batch() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
-    h.add_device("gw-2");
+async fn a_foreign_or_invalid_gap_refuses_the_batch(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
+    h.add_device("gw-2").await;
     let mut b = Batch::new("gw-1".to_owned(), 0, windows("gw-1", STREAM, 1));
     b.gaps = vec![gap("gw-2", 1)];
     let a = h.post_ingest(Some(&token), b.to_cbor()).await;
@@ -495,10 +490,9 @@ async fn a_foreign_or_invalid_gap_refuses_the_batch() {
     );
 }
 
-#[tokio::test]
-async fn pages_follow_the_next_cursor_header_to_the_end() {
-    let h = Harness::start().await;
-    let token = h.add_device("gw-1");
+async fn pages_follow_the_next_cursor_header_to_the_end(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
     let sent = windows("gw-1", STREAM, 25);
     h.post_ingest(Some(&token), batch("gw-1", sent.clone()))
         .await;
@@ -528,3 +522,23 @@ async fn pages_follow_the_next_cursor_header_to_the_end() {
     let a = h.get("/v1/gaps?after=zz.1").await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
 }
+
+on_both_backends!(
+    good_batch_is_stored_and_served_by_summaries_query,
+    same_batch_twice_is_stored_once_and_reported_as_duplicates,
+    higher_revision_replaces_and_lower_is_a_duplicate,
+    missing_wrong_or_revoked_token_is_401,
+    device_writing_another_devices_data_is_403_and_nothing_is_stored,
+    garbage_or_unknown_version_is_400_with_a_message,
+    invalid_summary_is_400_naming_index_and_reason_and_nothing_is_stored,
+    more_than_10000_summaries_is_400,
+    oversize_body_is_413_and_nothing_is_stored,
+    summaries_query_rejects_bad_parameters_with_a_message,
+    metrics_count_every_outcome,
+    healthz_answers_ok,
+    restart_on_the_same_port_and_db_keeps_serving_its_data,
+    stop_closes_the_listener,
+    scores_and_gaps_are_stored_and_served,
+    a_foreign_or_invalid_gap_refuses_the_batch,
+    pages_follow_the_next_cursor_header_to_the_end,
+);

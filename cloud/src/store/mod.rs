@@ -2,9 +2,13 @@
 //!
 //! Two backends share the types, the checks and the SQL shape defined here:
 //! - [`sqlite`]: [`Store`], one file, zero setup: the default and the embedded choice.
-//! - `postgres`: `PgStore`, for many stateless receivers on one database.
+//! - [`postgres`]: [`PgStore`], for many stateless receivers on one database.
 //!
-//! Invariants every backend keeps (and the shared suite in `tests/backends.rs` checks on both):
+//! [`Storage`] is the one interface the HTTP layer uses; [`AnyStore`] picks a backend at run
+//! time (the binary, and the tests that run one suite over both).
+//!
+//! Invariants every backend keeps (and the shared HTTP suite in `tests/api.rs` checks on both
+//! when `EDGEWISE_TEST_PG_URL` is set):
 //! - At most one summary row per `(device_id, stream, window_start_ms)`: the highest revision
 //!   received. An equal or lower revision changes nothing and counts as a duplicate; a higher one
 //!   replaces the row (exactly-once storage over at-least-once delivery).
@@ -23,8 +27,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use edgewise_protocol::{Gap, Score, WindowSummary};
 use serde::{Deserialize, Serialize};
 
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::{PgConfig, PgStore};
 pub use sqlite::Store;
 
 /// Rows returned by a query when it does not say.
@@ -40,6 +46,16 @@ pub const MAX_GAPS_PER_BATCH: usize = 1_000;
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(tokio_postgres::Error),
+    /// The database cannot be reached right now (connection lost, restarting, pool exhausted):
+    /// worth retrying.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("bad database address or pool settings: {0}")]
+    BadUrl(String),
+    #[error("database task failed: {0}")]
+    Task(String),
     #[error("database schema version {found} is newer than this build understands ({known})")]
     SchemaTooNew { found: i64, known: i64 },
     #[error("device id is invalid: {0}")]
@@ -331,6 +347,206 @@ pub struct DeviceInfo {
     /// Summaries the device reported as evicted from its buffer (sum of its gaps' counts).
     #[serde(default)]
     pub evicted_count: u64,
+}
+
+/// What the HTTP layer needs from a storage backend. Every method takes owned arguments and
+/// returns a `Send` future, so handlers can be generic over the backend.
+pub trait Storage: Clone + Send + Sync + 'static {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn authenticate(
+        &self,
+        token: String,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    /// Stores a batch in one transaction (see the module invariants).
+    fn store_batch(
+        &self,
+        device_id: String,
+        summaries: Vec<WindowSummary>,
+        gaps: Vec<Gap>,
+    ) -> impl Future<Output = Result<IngestOutcome, StoreError>> + Send;
+    fn find_summaries(
+        &self,
+        filter: SummaryFilter,
+    ) -> impl Future<Output = Result<Vec<StoredSummary>, StoreError>> + Send;
+    fn find_gaps(
+        &self,
+        query: GapQuery,
+    ) -> impl Future<Output = Result<Vec<StoredGap>, StoreError>> + Send;
+    fn list_devices(&self) -> impl Future<Output = Result<Vec<DeviceInfo>, StoreError>> + Send;
+    /// Registers a device; answers its token (shown once, stored hashed).
+    fn register_device(
+        &self,
+        device_id: String,
+    ) -> impl Future<Output = Result<String, StoreError>> + Send;
+    /// Revokes a device's token; `false` if there is no such device.
+    fn revoke(&self, device_id: String) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+/// Runs a synchronous SQLite call on the blocking pool.
+async fn blocking<T, F>(call: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result,
+        Err(e) => Err(StoreError::Task(e.to_string())),
+    }
+}
+
+impl Storage for Store {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        let s = self.clone();
+        blocking(move || s.ping()).await
+    }
+    async fn authenticate(&self, token: String) -> Result<Option<String>, StoreError> {
+        let s = self.clone();
+        blocking(move || s.authenticate(&token)).await
+    }
+    async fn store_batch(
+        &self,
+        device_id: String,
+        summaries: Vec<WindowSummary>,
+        gaps: Vec<Gap>,
+    ) -> Result<IngestOutcome, StoreError> {
+        let s = self.clone();
+        blocking(move || s.ingest_batch(&device_id, &summaries, &gaps)).await
+    }
+    async fn find_summaries(
+        &self,
+        filter: SummaryFilter,
+    ) -> Result<Vec<StoredSummary>, StoreError> {
+        let s = self.clone();
+        blocking(move || s.summary_page(&filter)).await
+    }
+    async fn find_gaps(&self, query: GapQuery) -> Result<Vec<StoredGap>, StoreError> {
+        let s = self.clone();
+        blocking(move || s.gaps(&query)).await
+    }
+    async fn list_devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
+        let s = self.clone();
+        blocking(move || s.devices()).await
+    }
+    async fn register_device(&self, device_id: String) -> Result<String, StoreError> {
+        let s = self.clone();
+        blocking(move || s.add_device(&device_id)).await
+    }
+    async fn revoke(&self, device_id: String) -> Result<bool, StoreError> {
+        let s = self.clone();
+        blocking(move || s.revoke_device(&device_id)).await
+    }
+}
+
+impl Storage for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        PgStore::ping(self).await
+    }
+    async fn authenticate(&self, token: String) -> Result<Option<String>, StoreError> {
+        PgStore::authenticate(self, &token).await
+    }
+    async fn store_batch(
+        &self,
+        device_id: String,
+        summaries: Vec<WindowSummary>,
+        gaps: Vec<Gap>,
+    ) -> Result<IngestOutcome, StoreError> {
+        self.ingest_batch(&device_id, &summaries, &gaps).await
+    }
+    async fn find_summaries(
+        &self,
+        filter: SummaryFilter,
+    ) -> Result<Vec<StoredSummary>, StoreError> {
+        self.summary_page(&filter).await
+    }
+    async fn find_gaps(&self, query: GapQuery) -> Result<Vec<StoredGap>, StoreError> {
+        self.gaps(&query).await
+    }
+    async fn list_devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
+        self.devices().await
+    }
+    async fn register_device(&self, device_id: String) -> Result<String, StoreError> {
+        self.add_device(&device_id).await
+    }
+    async fn revoke(&self, device_id: String) -> Result<bool, StoreError> {
+        self.revoke_device(&device_id).await
+    }
+}
+
+/// A backend chosen at run time.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    Sqlite(Store),
+    Postgres(PgStore),
+}
+
+impl From<Store> for AnyStore {
+    fn from(s: Store) -> Self {
+        AnyStore::Sqlite(s)
+    }
+}
+
+impl From<PgStore> for AnyStore {
+    fn from(s: PgStore) -> Self {
+        AnyStore::Postgres(s)
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sqlite($s) => $call.await,
+            AnyStore::Postgres($s) => $call.await,
+        }
+    };
+}
+
+impl Storage for AnyStore {
+    fn backend(&self) -> &'static str {
+        match self {
+            AnyStore::Sqlite(s) => s.backend(),
+            AnyStore::Postgres(s) => s.backend(),
+        }
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => Storage::ping(s))
+    }
+    async fn authenticate(&self, token: String) -> Result<Option<String>, StoreError> {
+        dispatch!(self, s => Storage::authenticate(s, token))
+    }
+    async fn store_batch(
+        &self,
+        device_id: String,
+        summaries: Vec<WindowSummary>,
+        gaps: Vec<Gap>,
+    ) -> Result<IngestOutcome, StoreError> {
+        dispatch!(self, s => s.store_batch(device_id, summaries, gaps))
+    }
+    async fn find_summaries(
+        &self,
+        filter: SummaryFilter,
+    ) -> Result<Vec<StoredSummary>, StoreError> {
+        dispatch!(self, s => s.find_summaries(filter))
+    }
+    async fn find_gaps(&self, query: GapQuery) -> Result<Vec<StoredGap>, StoreError> {
+        dispatch!(self, s => s.find_gaps(query))
+    }
+    async fn list_devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
+        dispatch!(self, s => s.list_devices())
+    }
+    async fn register_device(&self, device_id: String) -> Result<String, StoreError> {
+        dispatch!(self, s => s.register_device(device_id))
+    }
+    async fn revoke(&self, device_id: String) -> Result<bool, StoreError> {
+        dispatch!(self, s => s.revoke(device_id))
+    }
 }
 
 /// Checks a batch before it is stored: every summary and gap is the device's own and valid.

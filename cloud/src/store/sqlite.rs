@@ -368,7 +368,7 @@ impl Store {
 pub(crate) const DEVICES_SQL: &str = "SELECT d.id, d.created_at_ms, d.last_seen_ms, d.revoked,
         (SELECT COUNT(*) FROM summaries s WHERE s.device_id = d.id),
         (SELECT COUNT(*) FROM summaries s WHERE s.device_id = d.id AND s.score_alert = 1),
-        (SELECT COALESCE(SUM(g.count), 0) FROM gaps g WHERE g.device_id = d.id)
+        (SELECT CAST(COALESCE(SUM(g.count), 0) AS BIGINT) FROM gaps g WHERE g.device_id = d.id)
      FROM devices d ORDER BY d.id";
 
 /// A query argument, for both backends.

@@ -85,6 +85,8 @@ pub fn decode_pack(bytes: &[u8]) -> Option<(String, i64, Vec<f64>)> {
 pub struct Received {
     pub topic: String,
     pub payload: Vec<u8>,
+    // Read by tests/sim.rs; tests/uplink.rs decodes with the agent's decoder instead.
+    #[allow(dead_code)]
     pub pack: Option<(String, i64, Vec<f64>)>,
 }
 

@@ -92,6 +92,26 @@ impl Default for IngestConfig {
     }
 }
 
+/// SQLite's `synchronous` setting for the agent database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// A commit survives a crash of the agent process (kill -9, panic, OOM kill); the last
+    /// commits before a power loss or kernel crash may be lost. No fsync per commit.
+    Normal,
+    /// Every commit is fsynced: it also survives power loss, at the cost of one fsync per
+    /// group commit.
+    Full,
+}
+
+/// Order in which buffered summaries are sent after an outage (alerts always go first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrainOrder {
+    OldestFirst,
+    NewestFirst,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
@@ -99,6 +119,16 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Undecodable payloads kept for inspection; the oldest are dropped beyond this.
     pub dead_letter_max_rows: u64,
+    /// `normal` (survives process crashes) or `full` (also survives power loss).
+    pub sync: SyncMode,
+    /// Journal every reading before acking it (default). `false` acks readings once they are in
+    /// memory: fewer writes (SD cards), but a crash loses the open windows.
+    pub journal: bool,
+    /// Hard cap on summaries and gap records waiting for the cloud; beyond it the agent evicts
+    /// (plain summaries before alerts, oldest first) and records a gap.
+    pub max_buffer_bytes: u64,
+    /// Optional cap on the database file; writes beyond it fail like a full disk.
+    pub max_db_bytes: Option<u64>,
 }
 
 impl Default for StoreConfig {
@@ -106,6 +136,10 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("/var/lib/edgewise/agent.db"),
             dead_letter_max_rows: 1000,
+            sync: SyncMode::Normal,
+            journal: true,
+            max_buffer_bytes: 256 * 1024 * 1024,
+            max_db_bytes: None,
         }
     }
 }
@@ -140,6 +174,12 @@ pub struct SyncConfig {
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
     pub batch_max_summaries: usize,
+    /// Largest request body (encoded summaries and gaps), in bytes; at least one record is sent.
+    pub batch_max_bytes: u64,
+    /// `oldest-first` or `newest-first`, after the alerts.
+    pub order: DrainOrder,
+    /// Upload bandwidth limit in request-body bytes per second; unset means no limit.
+    pub max_bytes_per_second: Option<u64>,
     /// How often the outbox is checked when nothing signals new summaries.
     pub interval_ms: u64,
     pub backoff_initial_ms: u64,
@@ -155,6 +195,9 @@ impl Default for SyncConfig {
             token: None,
             token_file: None,
             batch_max_summaries: 500,
+            batch_max_bytes: 512 * 1024,
+            order: DrainOrder::OldestFirst,
+            max_bytes_per_second: None,
             interval_ms: 1000,
             backoff_initial_ms: 200,
             backoff_max_ms: 30_000,
@@ -306,6 +349,18 @@ impl AgentConfig {
         if self.store.path.as_os_str().is_empty() {
             bad("store.path", "must not be empty".into());
         }
+        if self.store.max_buffer_bytes < 64 * 1024 {
+            bad(
+                "store.max_buffer_bytes",
+                "must be at least 65536 (64 KiB)".into(),
+            );
+        }
+        if self.store.max_db_bytes.is_some_and(|m| m < 1024 * 1024) {
+            bad(
+                "store.max_db_bytes",
+                "must be at least 1048576 (1 MiB)".into(),
+            );
+        }
         if self.window.window_seconds == 0 || self.window.window_seconds > 86_400 {
             bad(
                 "window.window_seconds",
@@ -333,6 +388,15 @@ impl AgentConfig {
             bad(
                 "sync.batch_max_summaries",
                 "must be between 1 and 10000".into(),
+            );
+        }
+        if self.sync.batch_max_bytes < 1024 {
+            bad("sync.batch_max_bytes", "must be at least 1024".into());
+        }
+        if self.sync.max_bytes_per_second == Some(0) {
+            bad(
+                "sync.max_bytes_per_second",
+                "must be at least 1 (leave it out for no limit)".into(),
             );
         }
         if self.sync.backoff_initial_ms == 0
@@ -437,6 +501,29 @@ mod tests {
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn durability_buffer_and_drain_settings_parse_and_are_checked() {
+        let cfg = AgentConfig::parse(
+            "agent_id = \"a\"\n[store]\nsync = \"full\"\njournal = false\nmax_buffer_bytes = 1000\n\
+             [sync]\norder = \"newest-first\"\nmax_bytes_per_second = 0\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.store.sync, SyncMode::Full);
+        assert!(!cfg.store.journal);
+        assert_eq!(cfg.sync.order, DrainOrder::NewestFirst);
+        let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            vec!["store.max_buffer_bytes", "sync.max_bytes_per_second"]
+        );
+        let err = AgentConfig::parse("agent_id = \"a\"\n[store]\nsync = \"off\"\n").unwrap_err();
+        assert!(err.contains("normal"), "{err}");
+        let d = AgentConfig::parse("agent_id = \"a\"").unwrap();
+        assert_eq!(d.store.sync, SyncMode::Normal);
+        assert!(d.store.journal);
+        assert_eq!(d.sync.order, DrainOrder::OldestFirst);
     }
 
     #[test]

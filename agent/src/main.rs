@@ -3,9 +3,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgewise_agent::config::{AgentConfig, ConfigError};
+
+/// Longest clean shutdown after SIGTERM before the agent exits anyway.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(6);
+/// How long blocking work may linger after the clean shutdown.
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(name = "edgewise-agent", version, about = "Edgewise gateway agent")]
@@ -70,7 +77,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;
-            runtime()?.block_on(run_agent(cfg))?;
+            let rt = runtime()?;
+            let result = rt.block_on(run_agent(cfg));
+            // A blocking SQLite call still running must not hold the exit up for long: its
+            // transaction either commits or is rolled back by SQLite on the next open.
+            rt.shutdown_timeout(SHUTDOWN_LINGER);
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         #[cfg(feature = "demo")]
@@ -123,7 +135,17 @@ async fn run_agent(cfg: AgentConfig) -> anyhow::Result<()> {
         .context("starting the agent")?;
     wait_for_signal().await?;
     tracing::info!("shutting down");
-    agent.stop().await;
+    if tokio::time::timeout(SHUTDOWN_TIMEOUT, agent.stop())
+        .await
+        .is_err()
+    {
+        // Nothing acked is at risk: acks follow commits, unacked messages are redelivered.
+        tracing::warn!(
+            timeout_s = SHUTDOWN_TIMEOUT.as_secs(),
+            "clean shutdown took too long; exiting anyway"
+        );
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 

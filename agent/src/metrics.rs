@@ -87,8 +87,26 @@ pub struct Metrics {
     pub sync_bytes_sent: Counter,
     pub mqtt_connections: Counter,
     pub mqtt_connection_errors: Counter,
+    /// Summaries evicted because the buffer reached `max_buffer_bytes`.
+    pub buffer_evictions: Counter,
+    /// Gap records written (evictions, a corrupt database moved aside).
+    pub gaps_recorded: Counter,
+    /// Gap records acknowledged by the cloud.
+    pub gaps_synced: Counter,
+    /// Times a corrupt database was moved aside on start.
+    pub store_recovered_corrupt: Counter,
+    /// Commits that failed because the disk (or `max_db_bytes`) was full.
+    pub store_disk_full_errors: Counter,
+    /// 1 while the last write failed because the disk was full.
+    pub store_disk_full: Gauge,
+    /// Summaries waiting for the cloud.
     pub outbox_rows: Gauge,
+    /// Bytes buffered for the cloud (summaries and gap records), as counted against the cap.
     pub outbox_bytes: Gauge,
+    /// Gap records waiting for the cloud.
+    pub buffer_gap_rows: Gauge,
+    /// Readings in the journal (open windows).
+    pub journal_rows: Gauge,
     pub open_windows: Gauge,
     pub streams: Gauge,
     pub mqtt_connected: Gauge,
@@ -167,6 +185,31 @@ impl Metrics {
             self.sync_bytes_sent.get(),
         );
         counter(
+            "buffer_evictions_total",
+            "Summaries evicted because the buffer reached max_buffer_bytes.",
+            self.buffer_evictions.get(),
+        );
+        counter(
+            "gaps_recorded_total",
+            "Gap records written (evictions, corrupt database moved aside).",
+            self.gaps_recorded.get(),
+        );
+        counter(
+            "gaps_synced_total",
+            "Gap records acknowledged by the cloud.",
+            self.gaps_synced.get(),
+        );
+        counter(
+            "store_recovered_corrupt_total",
+            "Corrupt databases moved aside on start.",
+            self.store_recovered_corrupt.get(),
+        );
+        counter(
+            "store_disk_full_errors_total",
+            "Writes that failed because the disk or max_db_bytes was full.",
+            self.store_disk_full_errors.get(),
+        );
+        counter(
             "mqtt_connections_total",
             "MQTT connections established.",
             self.mqtt_connections.get(),
@@ -210,6 +253,31 @@ impl Metrics {
             "outbox_bytes",
             "Bytes of summaries waiting for the cloud.",
             self.outbox_bytes.get(),
+        );
+        gauge(
+            "buffer_bytes",
+            "Bytes buffered for the cloud (summaries and gap records), counted against max_buffer_bytes.",
+            self.outbox_bytes.get(),
+        );
+        gauge(
+            "buffer_rows",
+            "Rows buffered for the cloud (summaries and gap records).",
+            self.outbox_rows.get() + self.buffer_gap_rows.get(),
+        );
+        gauge(
+            "buffer_gap_rows",
+            "Gap records waiting for the cloud.",
+            self.buffer_gap_rows.get(),
+        );
+        gauge(
+            "journal_rows",
+            "Readings journaled for open windows.",
+            self.journal_rows.get(),
+        );
+        gauge(
+            "store_disk_full",
+            "1 while the last write failed because the disk was full.",
+            self.store_disk_full.get(),
         );
         gauge(
             "open_windows",

@@ -10,6 +10,10 @@
 //! acknowledged reading is always durable. [`Pipeline::close_due`] then moves closed windows to
 //! the outbox. On [`Pipeline::open`], the windows are rebuilt from the journal.
 //!
+//! A failed commit is retried by the caller with the same batch. With the journal disabled, a
+//! closed window whose outbox commit failed is kept in memory ([`Pipeline::close_due`] retries
+//! it first), since there are no journal rows to rebuild it from.
+//!
 //! No network I/O here; the async driver lives in [`crate::ingest`]. Tested end to end in
 //! `tests/` and by the unit tests below on real SQLite files.
 
@@ -21,8 +25,8 @@ use crate::config::AgentConfig;
 use crate::decode::{DecodeLimits, PayloadFormat, decode};
 use crate::filter::Filter;
 use crate::metrics::Metrics;
-use crate::store::{DeadLetter, Store, StoreError};
-use crate::window::{Admission, WindowSpec, Windows};
+use crate::store::{DeadLetter, Store, StoreError, StoreOptions};
+use crate::window::{Admission, ClosedWindow, WindowSpec, Windows};
 
 /// One MQTT message, as the pipeline sees it.
 pub struct Message<'a> {
@@ -41,6 +45,11 @@ pub struct Pipeline {
     decoded: Vec<Reading>,
     accepted: Vec<Reading>,
     inserted: Vec<bool>,
+    /// Journal-less mode only: closed windows whose outbox commit failed, retried first.
+    pending_closed: Vec<ClosedWindow>,
+    journal_enabled: bool,
+    /// Readings in the journal, tracked without a COUNT(*) per batch.
+    journal_rows: u64,
 }
 
 /// What `prepare` decided about a batch, applied only once it is committed.
@@ -61,9 +70,15 @@ pub enum PipelineError {
 }
 
 impl Pipeline {
-    /// Opens the store and rebuilds the open windows from the journal.
+    /// Opens the store (moving a corrupt file aside, see [`Store::open_or_recover`]) and
+    /// rebuilds the open windows from the journal.
     pub fn open(cfg: &AgentConfig, metrics: Arc<Metrics>) -> Result<Pipeline, PipelineError> {
-        let store = Store::open(&cfg.store.path, cfg.store.dead_letter_max_rows)?;
+        let (store, recovered) =
+            Store::open_or_recover(&cfg.store.path, &StoreOptions::from_config(cfg))?;
+        if recovered.is_some() {
+            metrics.store_recovered_corrupt.inc();
+            metrics.gaps_recorded.inc();
+        }
         let mut windows = Windows::new(&cfg.agent_id, WindowSpec::from(&cfg.window));
         for (stream, closed_until) in store.closed_streams()? {
             windows.restore_closed(&stream, closed_until);
@@ -95,6 +110,9 @@ impl Pipeline {
             decoded: Vec::new(),
             accepted: Vec::new(),
             inserted: Vec::new(),
+            pending_closed: Vec::new(),
+            journal_enabled: cfg.store.journal,
+            journal_rows: journal.len() as u64,
         };
         p.update_gauges();
         Ok(p)
@@ -109,8 +127,11 @@ impl Pipeline {
         proc_ms: i64,
     ) -> Result<(), StoreError> {
         let verdicts = self.prepare(batch, wall_ms);
-        self.store
-            .commit_ingest(&self.accepted, &verdicts.dead, &mut self.inserted)?;
+        let committed =
+            self.store
+                .commit_ingest(&self.accepted, &verdicts.dead, &mut self.inserted);
+        self.note_store_result(&committed);
+        committed?;
         let m = &self.metrics;
         m.journal_commits.inc();
         m.messages_received.add(batch.len() as u64);
@@ -126,6 +147,9 @@ impl Pipeline {
             if new {
                 self.windows.add(r, proc_ms);
                 m.readings_accepted.inc();
+                if self.journal_enabled {
+                    self.journal_rows += 1;
+                }
             } else {
                 m.readings_rejected.add("duplicate", 1);
             }
@@ -172,22 +196,52 @@ impl Pipeline {
     /// Moves every window that is due (watermark or idle timeout) to the outbox. Returns how
     /// many closed. On `Err` the windows stay open and the next call retries.
     pub fn close_due(&mut self, proc_ms: i64) -> Result<usize, StoreError> {
-        let closed = self.windows.advance(proc_ms);
+        let mut closed = std::mem::take(&mut self.pending_closed);
+        closed.extend(self.windows.advance(proc_ms));
         if closed.is_empty() {
             return Ok(0);
         }
-        if let Err(e) = self.store.commit_closed(&closed) {
-            // Put them back: the windows' readings are still in the journal, so rebuilding the
-            // accumulators from it is exact.
-            self.reopen(&closed);
-            return Err(e);
+        let committed = self.store.commit_closed(&closed, crate::ingest::wall_ms());
+        self.note_store_result(&committed);
+        let outcome = match committed {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                if self.journal_enabled {
+                    // Put them back: the windows' readings are still in the journal, so
+                    // rebuilding the accumulators from it is exact.
+                    self.reopen(&closed);
+                } else {
+                    self.pending_closed = closed;
+                }
+                return Err(e);
+            }
+        };
+        let m = &self.metrics;
+        m.windows_closed.add(closed.len() as u64);
+        if outcome.evicted > 0 {
+            m.buffer_evictions.add(outcome.evicted);
+            m.gaps_recorded.inc();
         }
-        self.metrics.windows_closed.add(closed.len() as u64);
+        if self.journal_enabled {
+            let rows: u64 = closed.iter().map(|c| c.summary.count).sum();
+            self.journal_rows = self.journal_rows.saturating_sub(rows);
+        }
         self.update_gauges();
         Ok(closed.len())
     }
 
-    fn reopen(&mut self, closed: &[crate::window::ClosedWindow]) {
+    fn note_store_result<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => self.metrics.store_disk_full.set(0),
+            Err(e) if e.is_disk_full() => {
+                self.metrics.store_disk_full.set(1);
+                self.metrics.store_disk_full_errors.inc();
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn reopen(&mut self, closed: &[ClosedWindow]) {
         let mut fresh = Windows::new(&closed[0].summary.agent_id, *self.windows.spec());
         if let (Ok(streams), Ok(journal)) =
             (self.store.closed_streams(), self.store.journal_readings())
@@ -207,11 +261,21 @@ impl Pipeline {
         &self.store
     }
 
+    /// Write access to the store (tests: simulating a full disk with `set_max_db_bytes`).
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
     fn update_gauges(&self) {
-        self.metrics
-            .open_windows
-            .set(self.windows.open_windows() as u64);
-        self.metrics.streams.set(self.windows.streams() as u64);
+        let m = &self.metrics;
+        m.open_windows.set(self.windows.open_windows() as u64);
+        m.streams.set(self.windows.streams() as u64);
+        m.journal_rows.set(self.journal_rows);
+        if let Ok(u) = self.store.buffer_usage() {
+            m.outbox_rows.set(u.summaries);
+            m.outbox_bytes.set(u.bytes);
+            m.buffer_gap_rows.set(u.gaps);
+        }
     }
 }
 
@@ -335,5 +399,73 @@ mod tests {
         assert_eq!(p.close_due(5000).unwrap(), 1);
         let s = &p.store().outbox_peek(10).unwrap()[0].summary;
         assert_eq!((s.count, s.min, s.max, s.mean), (3, 10.0, 30.0, 20.0));
+    }
+
+    fn msgs(payloads: &[Vec<u8>]) -> Vec<Message<'_>> {
+        payloads
+            .iter()
+            .map(|p| Message {
+                topic: "t",
+                payload: p,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_batch_without_applying_it_and_it_goes_through_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let metrics = Arc::new(Metrics::default());
+        let mut p = Pipeline::open(&cfg, metrics.clone()).unwrap();
+        let first = [pack("n1", 1.0, 20.0)];
+        p.ingest(&msgs(&first), 0, 0).unwrap();
+        p.store_mut().set_max_db_bytes(Some(1)).unwrap();
+        // Enough distinct readings to need new pages.
+        let big: Vec<Vec<u8>> = (0..3000)
+            .map(|i| pack(&format!("node-{i}"), 2.0, 21.0))
+            .collect();
+        let err = p.ingest(&msgs(&big), 0, 0).unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+        assert_eq!(metrics.store_disk_full.get(), 1);
+        assert_eq!(metrics.store_disk_full_errors.get(), 1);
+        // Nothing of the failed batch counted or entered a window.
+        assert_eq!(metrics.readings_accepted.get(), 1);
+        assert_eq!(p.windows.open_windows(), 1);
+        // Space returns: the same batch is retried and goes through, nothing lost.
+        p.store_mut().set_max_db_bytes(None).unwrap();
+        p.ingest(&msgs(&big), 0, 0).unwrap();
+        assert_eq!(metrics.store_disk_full.get(), 0);
+        assert_eq!(metrics.readings_accepted.get(), 3001);
+        assert_eq!(p.store().journal_len().unwrap(), 3001);
+        assert_eq!(p.close_due(10_000).unwrap(), 3001);
+        assert_eq!(p.store().outbox_size().unwrap().0, 3001);
+        assert_eq!(metrics.journal_rows.get(), 0);
+    }
+
+    #[test]
+    fn without_the_journal_a_restart_loses_open_windows_but_closed_ones_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.store.journal = false;
+        {
+            let mut p = Pipeline::open(&cfg, Arc::default()).unwrap();
+            let a = [pack("n1", 1.0, 10.0), pack("n2", 1.0, 30.0)];
+            p.ingest(&msgs(&a), 0, 0).unwrap();
+            assert_eq!(p.store().journal_len().unwrap(), 0);
+            // n2's window closes (idle), n1 gets a fresh reading and stays open.
+            let b = [pack("n1", 2.0, 12.0)];
+            p.ingest(&msgs(&b), 0, 900).unwrap();
+            assert_eq!(p.close_due(1000).unwrap(), 1);
+        } // crash
+        let mut p = Pipeline::open(&cfg, Arc::default()).unwrap();
+        let rows = p.store().outbox_peek(10).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].summary.stream, "n2/temperature");
+        // n1's open window (two readings) is gone: only what arrives now is counted.
+        let c = [pack("n1", 3.0, 14.0)];
+        p.ingest(&msgs(&c), 0, 0).unwrap();
+        assert_eq!(p.close_due(5000).unwrap(), 1);
+        let rows = p.store().outbox_peek(10).unwrap();
+        assert_eq!((rows[1].summary.count, rows[1].summary.mean), (1, 14.0));
     }
 }

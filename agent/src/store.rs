@@ -1,44 +1,149 @@
-//! The agent's durable buffer: one SQLite file (WAL) with four tables.
+//! The agent's durable buffer: one SQLite file (WAL) holding the journal, the outbox, gap
+//! records, per-stream state and dead letters.
 //!
 //! - `journal`: every accepted reading, until its window closes. Unique on `(stream, time_ms)`:
 //!   a message the broker redelivers (after a reconnect or a restart, before our ack reached it)
-//!   is ignored instead of counted twice.
-//! - `outbox`: encoded summaries waiting for the cloud, in `seq` order.
+//!   is ignored instead of counted twice. Empty when the journal is disabled
+//!   ([`StoreOptions::journal`] = false).
+//! - `outbox`: encoded summaries waiting for the cloud, with their size, alert flag, stream and
+//!   window (for eviction and drain order without decoding).
+//! - `gap`: eviction records ([`Gap`]) waiting for the cloud; never evicted themselves.
+//! - `buffer_usage`: one row with the outbox and gap rows and bytes, kept exact by triggers in
+//!   the same transaction as every insert and delete (whichever connection makes it).
 //! - `stream_state`: per stream, `closed_until_ms` (see [`crate::window`]).
-//! - `dead_letter`: undecodable payloads with their reason, bounded to the newest N rows.
+//! - `dead_letter`: undecodable payloads and refused summaries, bounded to the newest N rows.
 //!
 //! What is durable when:
 //! - [`Store::commit_ingest`] writes a whole batch of readings (and dead letters) in one
-//!   transaction; the caller acks the MQTT messages only after it returns `Ok`.
-//! - [`Store::commit_closed`] inserts closed summaries into the outbox, deletes their journal rows
-//!   and advances `closed_until` in ONE transaction: a crash leaves either the readings or the
-//!   summary, never both and never neither.
-//! - Outbox rows are deleted by [`Store::outbox_remove`] only after the receiver's 2xx.
+//!   transaction; the caller acks the MQTT messages only after it returns `Ok`. With
+//!   `synchronous = NORMAL` a committed transaction survives a process crash (it is in the WAL,
+//!   in the OS page cache) but the last commits may be lost on power loss; with `FULL` the WAL is
+//!   fsynced at each commit and survives power loss too.
+//! - [`Store::commit_closed`] inserts closed summaries into the outbox, deletes their journal rows,
+//!   advances `closed_until` and, if the buffer is over its cap, evicts and records the gap, all
+//!   in ONE transaction: a crash leaves either the readings or the summary, never both and never
+//!   neither, and never an eviction without its gap record.
+//! - Outbox and gap rows are deleted by [`Store::outbox_remove`] only after the receiver's 2xx.
+//!
+//! Buffer cap: the outbox plus gap records never hold more than `max_buffer_bytes` (each row
+//! counted as its encoded body plus [`ROW_OVERHEAD_BYTES`]) after a commit. Over the cap, plain
+//! summaries go first, then alerts, oldest (lowest seq) first, down to 95% of the cap, and one
+//! gap record names what went. The journal is not capped: it holds only open windows.
+//!
+//! Faults: SQLITE_FULL is [`StoreError::DiskFull`] (nothing in the failed transaction happened,
+//! retry later). [`Store::open_or_recover`] runs SQLite's integrity check on start and moves a
+//! corrupt or truncated file aside instead of failing, so the agent never crash-loops on it.
 //!
 //! Tested by the unit tests below on real SQLite files, and end to end in `tests/`.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
-use edgewise_protocol::{Reading, WindowSummary};
-use rusqlite::{Connection, OptionalExtension, params};
+use edgewise_protocol::{Gap, Reading, WindowSummary};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 
+use crate::config::{AgentConfig, DrainOrder, SyncMode};
 use crate::window::ClosedWindow;
 
 /// Longest payload kept in a dead letter; the rest is cut off.
 pub const DEAD_LETTER_MAX_PAYLOAD: usize = 4096;
 
-const SCHEMA_VERSION: i64 = 1;
+/// Bytes charged per buffered row on top of its encoded body: the 16-byte id, seq, the extra
+/// columns and the index entries, rounded up.
+pub const ROW_OVERHEAD_BYTES: u64 = 64;
+
+/// Gap reason: the buffer reached `max_buffer_bytes`.
+pub const REASON_BUFFER_FULL: &str = "buffer_full";
+/// Gap reason: the database was corrupt on start and moved aside with whatever it held.
+pub const REASON_STORE_CORRUPT: &str = "store_corrupt";
+
+/// Gap records sent per batch at most.
+const GAPS_PER_BATCH: usize = 64;
+
+const SCHEMA_VERSION: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("SQLite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("outbox row {seq} is not a valid summary: {message}")]
+    Sqlite(rusqlite::Error),
+    /// The disk (or the configured `max_db_bytes`) is full. The transaction did nothing.
+    #[error("the disk or the database size limit is full: {0}")]
+    DiskFull(rusqlite::Error),
+    #[error("the database file is corrupt: {0}")]
+    Corrupt(String),
+    #[error("moving the corrupt database {path} aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("outbox row {seq} is not a valid record: {message}")]
     CorruptRow { seq: i64, message: String },
     #[error("the operation was cancelled by shutdown")]
     Cancelled,
     #[error("database schema version {0} is newer than this agent understands ({SCHEMA_VERSION})")]
     SchemaTooNew(i64),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => StoreError::DiskFull(e),
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+                StoreError::Corrupt(e.to_string())
+            }
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
+impl From<rusqlite::types::FromSqlError> for StoreError {
+    fn from(e: rusqlite::types::FromSqlError) -> Self {
+        // Our own columns hold the wrong type: the file is damaged.
+        StoreError::Corrupt(format!("unexpected column value: {e}"))
+    }
+}
+
+impl StoreError {
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::DiskFull(_))
+    }
+}
+
+/// How a [`Store`] is opened; see [`crate::config::StoreConfig`] for the meaning of each.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub agent_id: String,
+    pub dead_letter_max_rows: u64,
+    pub sync: SyncMode,
+    pub journal: bool,
+    pub max_buffer_bytes: u64,
+    pub max_db_bytes: Option<u64>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            agent_id: String::new(),
+            dead_letter_max_rows: 1000,
+            sync: SyncMode::Normal,
+            journal: true,
+            max_buffer_bytes: u64::MAX,
+            max_db_bytes: None,
+        }
+    }
+}
+
+impl StoreOptions {
+    pub fn from_config(cfg: &AgentConfig) -> Self {
+        StoreOptions {
+            agent_id: cfg.agent_id.clone(),
+            dead_letter_max_rows: cfg.store.dead_letter_max_rows,
+            sync: cfg.store.sync,
+            journal: cfg.store.journal,
+            max_buffer_bytes: cfg.store.max_buffer_bytes,
+            max_db_bytes: cfg.store.max_db_bytes,
+        }
+    }
 }
 
 /// An undecodable message, kept for inspection.
@@ -69,18 +174,82 @@ pub struct OutboxRow {
     pub bytes: usize,
 }
 
+/// A gap record waiting to be sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GapRow {
+    pub gap: Gap,
+    pub bytes: usize,
+}
+
+/// What to send next: gap records first, then alerts, then plain summaries.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Drain {
+    pub gaps: Vec<GapRow>,
+    pub summaries: Vec<OutboxRow>,
+    /// Sum of the encoded bodies.
+    pub body_bytes: u64,
+}
+
+impl Drain {
+    pub fn is_empty(&self) -> bool {
+        self.gaps.is_empty() && self.summaries.is_empty()
+    }
+}
+
+/// What [`Store::commit_closed`] did beyond inserting the summaries.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CloseOutcome {
+    /// Summaries evicted to stay under the cap (recorded in `gap`).
+    pub evicted: u64,
+    pub gap: Option<Gap>,
+}
+
+/// Buffered rows and bytes (outbox and gap records), as counted against the cap.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BufferUsage {
+    pub summaries: u64,
+    pub gaps: u64,
+    pub bytes: u64,
+}
+
+/// What [`Store::open_or_recover`] did with a corrupt file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovered {
+    pub moved_to: PathBuf,
+    pub reason: String,
+}
+
 pub struct Store {
     conn: Connection,
-    dead_letter_max_rows: u64,
+    opts: StoreOptions,
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and brings its schema up to date.
+    /// Opens (creating if needed) the database with default options (journal on, no cap).
     pub fn open(path: &Path, dead_letter_max_rows: u64) -> Result<Store, StoreError> {
+        Store::open_with(
+            path,
+            &StoreOptions {
+                dead_letter_max_rows,
+                ..StoreOptions::default()
+            },
+        )
+    }
+
+    /// Opens (creating if needed) the database and brings its schema up to date. No integrity
+    /// check: see [`Store::open_or_recover`].
+    pub fn open_with(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let sync = match opts.sync {
+            SyncMode::Normal => "NORMAL",
+            SyncMode::Full => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        // After a checkpoint, truncate the WAL back to this size so it cannot grow forever.
+        conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew(version));
@@ -116,10 +285,130 @@ impl Store {
                  COMMIT;",
             )?;
         }
-        Ok(Store {
+        if version < 2 {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(&format!(
+                "ALTER TABLE outbox ADD COLUMN alert INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE outbox ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE outbox ADD COLUMN stream TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE outbox ADD COLUMN window_start_ms INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE outbox ADD COLUMN window_end_ms INTEGER NOT NULL DEFAULT 0;
+                 UPDATE outbox SET bytes = LENGTH(body) + {ROW_OVERHEAD_BYTES};
+                 CREATE INDEX outbox_drain ON outbox (alert, seq);
+                 CREATE TABLE gap (
+                     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                     body BLOB NOT NULL,
+                     bytes INTEGER NOT NULL
+                 );
+                 CREATE TABLE buffer_usage (
+                     id INTEGER PRIMARY KEY CHECK (id = 1),
+                     summaries INTEGER NOT NULL,
+                     gaps INTEGER NOT NULL,
+                     bytes INTEGER NOT NULL
+                 );
+                 INSERT INTO buffer_usage VALUES (1, (SELECT COUNT(*) FROM outbox), 0,
+                     (SELECT COALESCE(SUM(bytes), 0) FROM outbox));
+                 CREATE TRIGGER outbox_added AFTER INSERT ON outbox BEGIN
+                     UPDATE buffer_usage SET summaries = summaries + 1, bytes = bytes + NEW.bytes;
+                 END;
+                 CREATE TRIGGER outbox_removed AFTER DELETE ON outbox BEGIN
+                     UPDATE buffer_usage SET summaries = summaries - 1, bytes = bytes - OLD.bytes;
+                 END;
+                 CREATE TRIGGER gap_added AFTER INSERT ON gap BEGIN
+                     UPDATE buffer_usage SET gaps = gaps + 1, bytes = bytes + NEW.bytes;
+                 END;
+                 CREATE TRIGGER gap_removed AFTER DELETE ON gap BEGIN
+                     UPDATE buffer_usage SET gaps = gaps - 1, bytes = bytes - OLD.bytes;
+                 END;
+                 PRAGMA user_version = 2;"
+            ))?;
+            // Gap seqs must keep increasing even across a database that was moved aside and
+            // recreated, so the cloud never mistakes a new gap for a re-sent old one: start
+            // from the wall clock in ms (a previous file would need more gaps than elapsed
+            // milliseconds to collide).
+            tx.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('gap', ?1)",
+                params![crate::ingest::wall_ms().max(0)],
+            )?;
+            tx.commit()?;
+        }
+        let mut store = Store {
             conn,
-            dead_letter_max_rows,
-        })
+            opts: opts.clone(),
+        };
+        store.set_max_db_bytes(opts.max_db_bytes)?;
+        Ok(store)
+    }
+
+    /// Opens the database after SQLite's integrity check. A corrupt, truncated or foreign file
+    /// is moved aside (`<name>.corrupt-<unix ms>`, with its `-wal`), a fresh database is created
+    /// in its place, and a `store_corrupt` gap record tells the cloud that what it held is gone.
+    pub fn open_or_recover(
+        path: &Path,
+        opts: &StoreOptions,
+    ) -> Result<(Store, Option<Recovered>), StoreError> {
+        let reason = match Store::open_with(path, opts).and_then(|s| s.integrity_check().map(|_| s))
+        {
+            Ok(store) => return Ok((store, None)),
+            Err(StoreError::Corrupt(reason)) => reason,
+            Err(e) => return Err(e),
+        };
+        let now = crate::ingest::wall_ms();
+        let moved_to = move_aside(path, now)?;
+        tracing::error!(
+            path = %path.display(),
+            moved_to = %moved_to.display(),
+            %reason,
+            "the agent database failed its integrity check: moved it aside and started a fresh one; \
+             its buffered summaries and open windows are lost (reported to the cloud as a gap)"
+        );
+        let mut store = Store::open_with(path, opts)?;
+        let gap = Gap {
+            agent_id: opts.agent_id.clone(),
+            seq: 0,
+            streams: Vec::new(),
+            from_ms: 0,
+            to_ms: now,
+            count: 0,
+            reason: REASON_STORE_CORRUPT.into(),
+            recorded_at_ms: now,
+        };
+        let tx = store.conn.transaction()?;
+        insert_gap(&tx, gap)?;
+        tx.commit()?;
+        Ok((store, Some(Recovered { moved_to, reason })))
+    }
+
+    /// `PRAGMA integrity_check`: `Err(Corrupt)` unless SQLite answers `ok`.
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check(8)")?;
+        let lines: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<_, _>>()?;
+        if lines.len() == 1 && lines[0] == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(lines.join("; ")))
+        }
+    }
+
+    /// Caps the database file (`PRAGMA max_page_count`); `None` lifts the cap. Writes beyond
+    /// it fail with [`StoreError::DiskFull`], exactly as on a full disk.
+    pub fn set_max_db_bytes(&mut self, max: Option<u64>) -> Result<(), StoreError> {
+        let page_size: i64 = self
+            .conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))?;
+        let pages = match max {
+            Some(bytes) => (bytes / page_size.max(512) as u64).max(1) as i64,
+            None => 0xFFFF_FFFE,
+        };
+        let _: i64 = self
+            .conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })?;
+        self.opts.max_db_bytes = max;
+        Ok(())
     }
 
     /// Persisted `closed_until_ms` of every stream.
@@ -149,6 +438,7 @@ impl Store {
 
     /// Journals `readings` and records `dead` in one transaction. `inserted[i]` is false where
     /// reading `i` was already journaled (a redelivery), which the caller must not count again.
+    /// With the journal disabled, readings are not written and all count as new.
     pub fn commit_ingest(
         &mut self,
         readings: &[Reading],
@@ -156,14 +446,23 @@ impl Store {
         inserted: &mut Vec<bool>,
     ) -> Result<(), StoreError> {
         inserted.clear();
+        if !self.opts.journal {
+            inserted.resize(readings.len(), true);
+            if dead.is_empty() {
+                return Ok(());
+            }
+        }
+        let journal = self.opts.journal;
         let tx = self.conn.transaction()?;
         {
-            let mut ins = tx.prepare_cached(
-                "INSERT OR IGNORE INTO journal (stream, time_ms, value, unit) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for r in readings {
-                let n = ins.execute(params![r.stream, r.time_ms, r.value, r.unit])?;
-                inserted.push(n == 1);
+            if journal {
+                let mut ins = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO journal (stream, time_ms, value, unit) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for r in readings {
+                    let n = ins.execute(params![r.stream, r.time_ms, r.value, r.unit])?;
+                    inserted.push(n == 1);
+                }
             }
             if !dead.is_empty() {
                 let mut dl = tx.prepare_cached(
@@ -174,7 +473,7 @@ impl Store {
                 }
                 tx.execute(
                     "DELETE FROM dead_letter WHERE id <= (SELECT MAX(id) FROM dead_letter) - ?1",
-                    params![self.dead_letter_max_rows as i64],
+                    params![self.opts.dead_letter_max_rows as i64],
                 )?;
             }
         }
@@ -182,15 +481,22 @@ impl Store {
         Ok(())
     }
 
-    /// Moves closed windows from the journal to the outbox, in one transaction.
-    pub fn commit_closed(&mut self, closed: &[ClosedWindow]) -> Result<(), StoreError> {
+    /// Moves closed windows from the journal to the outbox, and evicts over the cap, in one
+    /// transaction.
+    pub fn commit_closed(
+        &mut self,
+        closed: &[ClosedWindow],
+        now_ms: i64,
+    ) -> Result<CloseOutcome, StoreError> {
         if closed.is_empty() {
-            return Ok(());
+            return Ok(CloseOutcome::default());
         }
         let tx = self.conn.transaction()?;
         {
             let mut out = tx.prepare_cached(
-                "INSERT OR IGNORE INTO outbox (summary_id, body) VALUES (?1, ?2)",
+                "INSERT OR IGNORE INTO outbox
+                     (summary_id, body, alert, bytes, stream, window_start_ms, window_end_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             let mut del = tx.prepare_cached(
                 "DELETE FROM journal WHERE stream = ?1 AND time_ms >= ?2 AND time_ms < ?3",
@@ -200,19 +506,107 @@ impl Store {
                  ON CONFLICT (stream) DO UPDATE SET closed_until_ms =
                      MAX(closed_until_ms, excluded.closed_until_ms)",
             )?;
+            let mut body = Vec::with_capacity(256);
             for c in closed {
                 let s = &c.summary;
-                let body = minicbor::to_vec(s).unwrap_or_default();
-                out.execute(params![&s.id().0[..], body])?;
-                del.execute(params![s.stream, s.window_start_ms, s.window_end_ms])?;
+                body.clear();
+                // Encoding into a Vec cannot fail: the writer is infallible.
+                let _ = minicbor::encode(s, &mut body);
+                let bytes = body.len() as u64 + ROW_OVERHEAD_BYTES;
+                out.execute(params![
+                    &s.id().0[..],
+                    body,
+                    s.is_alert(),
+                    bytes as i64,
+                    s.stream,
+                    s.window_start_ms,
+                    s.window_end_ms
+                ])?;
+                if self.opts.journal {
+                    del.execute(params![s.stream, s.window_start_ms, s.window_end_ms])?;
+                }
                 state.execute(params![s.stream, c.closed_until_ms])?;
             }
         }
+        let outcome = enforce_cap(&tx, &self.opts, now_ms)?;
         tx.commit()?;
-        Ok(())
+        Ok(outcome)
     }
 
-    /// The oldest `max` outbox rows, in order.
+    /// The next batch to send, at most `max_rows` summaries and about `max_bytes` of bodies
+    /// (always at least one record if any waits): unsent gap records first, then alerts, then
+    /// plain summaries, each in `order` of their seq.
+    pub fn outbox_drain(
+        &self,
+        order: DrainOrder,
+        max_rows: usize,
+        max_bytes: u64,
+    ) -> Result<Drain, StoreError> {
+        let mut drain = Drain::default();
+        let fits = |d: &Drain, len: usize| {
+            d.is_empty() || d.body_bytes.saturating_add(len as u64) <= max_bytes
+        };
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT seq, body FROM gap ORDER BY seq LIMIT ?1")?;
+            let mut rows = stmt.query(params![GAPS_PER_BATCH as i64])?;
+            while let Some(row) = rows.next()? {
+                let seq: i64 = row.get(0)?;
+                let body = row.get_ref(1)?.as_blob()?;
+                if !fits(&drain, body.len()) {
+                    return Ok(drain);
+                }
+                let gap = minicbor::decode::<Gap>(body).map_err(|e| StoreError::CorruptRow {
+                    seq,
+                    message: e.to_string(),
+                })?;
+                drain.body_bytes += body.len() as u64;
+                drain.gaps.push(GapRow {
+                    gap,
+                    bytes: body.len(),
+                });
+            }
+        }
+        let sql = match order {
+            DrainOrder::OldestFirst => {
+                "SELECT seq, body FROM outbox WHERE alert = ?1 ORDER BY seq ASC LIMIT ?2"
+            }
+            DrainOrder::NewestFirst => {
+                "SELECT seq, body FROM outbox WHERE alert = ?1 ORDER BY seq DESC LIMIT ?2"
+            }
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        for alert in [true, false] {
+            let room = max_rows.saturating_sub(drain.summaries.len());
+            if room == 0 {
+                break;
+            }
+            let mut rows = stmt.query(params![alert, room as i64])?;
+            while let Some(row) = rows.next()? {
+                let seq: i64 = row.get(0)?;
+                let body = row.get_ref(1)?.as_blob()?;
+                if !fits(&drain, body.len()) {
+                    return Ok(drain);
+                }
+                let summary = minicbor::decode::<WindowSummary>(body).map_err(|e| {
+                    StoreError::CorruptRow {
+                        seq,
+                        message: e.to_string(),
+                    }
+                })?;
+                drain.body_bytes += body.len() as u64;
+                drain.summaries.push(OutboxRow {
+                    seq,
+                    summary,
+                    bytes: body.len(),
+                });
+            }
+        }
+        Ok(drain)
+    }
+
+    /// The oldest `max` outbox summaries, in order (alerts are not put first).
     pub fn outbox_peek(&self, max: usize) -> Result<Vec<OutboxRow>, StoreError> {
         let mut stmt = self
             .conn
@@ -237,44 +631,102 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes the outbox rows with `first_seq <= seq <= last_seq` (after the cloud's ack).
-    pub fn outbox_remove(&mut self, first_seq: i64, last_seq: i64) -> Result<usize, StoreError> {
-        Ok(self.conn.execute(
-            "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2",
-            params![first_seq, last_seq],
-        )?)
-    }
-
-    /// Moves outbox rows the receiver refused for good into the dead-letter table, so they stop
-    /// blocking the queue but are kept (and counted) rather than lost silently.
-    pub fn outbox_reject(
+    /// Deletes the sent summaries (by outbox seq) and gap records (by gap seq) after the
+    /// cloud's ack, in one transaction. Returns how many rows went.
+    pub fn outbox_remove(
         &mut self,
-        first_seq: i64,
-        last_seq: i64,
-        reason: &str,
-        now_ms: i64,
+        summary_seqs: &[i64],
+        gap_seqs: &[u64],
     ) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO dead_letter (received_ms, topic, reason, payload)
-             SELECT ?3, 'outbox', ?4, body FROM outbox WHERE seq BETWEEN ?1 AND ?2",
-            params![first_seq, last_seq, now_ms, reason],
-        )?;
-        let n = tx.execute(
-            "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2",
-            params![first_seq, last_seq],
-        )?;
+        let mut n = 0;
+        {
+            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for seq in summary_seqs {
+                n += del.execute(params![seq])?;
+            }
+            let mut del = tx.prepare_cached("DELETE FROM gap WHERE seq = ?1")?;
+            for seq in gap_seqs {
+                n += del.execute(params![*seq as i64])?;
+            }
+        }
         tx.commit()?;
         Ok(n)
     }
 
-    /// `(rows, bytes)` waiting in the outbox.
-    pub fn outbox_size(&self) -> Result<(u64, u64), StoreError> {
+    /// Moves records the receiver refused for good into the dead-letter table, so they stop
+    /// blocking the queue but are kept (and counted) rather than lost silently.
+    pub fn outbox_reject(
+        &mut self,
+        summary_seqs: &[i64],
+        gap_seqs: &[u64],
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        {
+            let mut keep = tx.prepare_cached(
+                "INSERT INTO dead_letter (received_ms, topic, reason, payload)
+                 SELECT ?2, 'outbox', ?3, body FROM outbox WHERE seq = ?1",
+            )?;
+            let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for seq in summary_seqs {
+                keep.execute(params![seq, now_ms, reason])?;
+                n += del.execute(params![seq])?;
+            }
+            let mut keep = tx.prepare_cached(
+                "INSERT INTO dead_letter (received_ms, topic, reason, payload)
+                 SELECT ?2, 'gap', ?3, body FROM gap WHERE seq = ?1",
+            )?;
+            let mut del = tx.prepare_cached("DELETE FROM gap WHERE seq = ?1")?;
+            for seq in gap_seqs {
+                keep.execute(params![*seq as i64, now_ms, reason])?;
+                n += del.execute(params![*seq as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Rows and bytes buffered (outbox and gap records), O(1).
+    pub fn buffer_usage(&self) -> Result<BufferUsage, StoreError> {
         Ok(self.conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox",
+            "SELECT summaries, gaps, bytes FROM buffer_usage WHERE id = 1",
             [],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            |r| {
+                Ok(BufferUsage {
+                    summaries: r.get::<_, i64>(0)?.max(0) as u64,
+                    gaps: r.get::<_, i64>(1)?.max(0) as u64,
+                    bytes: r.get::<_, i64>(2)?.max(0) as u64,
+                })
+            },
         )?)
+    }
+
+    /// `(summaries, bytes)` buffered for the cloud (bytes include gap records).
+    pub fn outbox_size(&self) -> Result<(u64, u64), StoreError> {
+        let u = self.buffer_usage()?;
+        Ok((u.summaries, u.bytes))
+    }
+
+    /// Gap records not yet acknowledged by the cloud, oldest first.
+    pub fn pending_gaps(&self) -> Result<Vec<Gap>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, body FROM gap ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, body) = row?;
+            out.push(
+                minicbor::decode::<Gap>(&body).map_err(|e| StoreError::CorruptRow {
+                    seq,
+                    message: e.to_string(),
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     /// Rows in the journal (readings of open windows).
@@ -310,10 +762,140 @@ impl Store {
     }
 }
 
+/// Evicts (plain before alerts, lowest seq first) until the buffer is at 95% of the cap, and
+/// records one gap for what went. Runs inside the caller's transaction.
+fn enforce_cap(
+    tx: &Transaction<'_>,
+    opts: &StoreOptions,
+    now_ms: i64,
+) -> Result<CloseOutcome, StoreError> {
+    let cap = opts.max_buffer_bytes;
+    let used: i64 = tx.query_row("SELECT bytes FROM buffer_usage WHERE id = 1", [], |r| {
+        r.get(0)
+    })?;
+    let used = used.max(0) as u64;
+    if used <= cap {
+        return Ok(CloseOutcome::default());
+    }
+    let target = cap / 20 * 19;
+    // Room for the gap record itself: its fixed fields plus up to MAX_STREAMS names.
+    let mut need = used - target + ROW_OVERHEAD_BYTES + 128;
+    let mut streams = BTreeSet::new();
+    let (mut count, mut from_ms, mut to_ms) = (0u64, i64::MAX, i64::MIN);
+    for alert in [false, true] {
+        let mut last_seq = None;
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, bytes, stream, window_start_ms, window_end_ms FROM outbox
+                 WHERE alert = ?1 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query(params![alert])?;
+            while need > 0 {
+                let Some(row) = rows.next()? else { break };
+                let bytes = row.get::<_, i64>(1)?.max(0) as u64;
+                let stream = row.get_ref(2)?.as_str()?;
+                if !stream.is_empty()
+                    && streams.len() < Gap::MAX_STREAMS
+                    && !streams.contains(stream)
+                {
+                    need = need.saturating_add(stream.len() as u64 + 2);
+                    streams.insert(stream.to_string());
+                }
+                from_ms = from_ms.min(row.get(3)?);
+                to_ms = to_ms.max(row.get(4)?);
+                count += 1;
+                need = need.saturating_sub(bytes);
+                last_seq = Some(row.get::<_, i64>(0)?);
+            }
+        }
+        if let Some(last) = last_seq {
+            tx.execute(
+                "DELETE FROM outbox WHERE alert = ?1 AND seq <= ?2",
+                params![alert, last],
+            )?;
+        }
+        if need == 0 {
+            break;
+        }
+    }
+    if count == 0 {
+        // Only gap records are left: they are never evicted.
+        return Ok(CloseOutcome::default());
+    }
+    let gap = Gap {
+        agent_id: opts.agent_id.clone(),
+        seq: 0,
+        streams: streams.into_iter().collect(),
+        from_ms,
+        to_ms,
+        count,
+        reason: REASON_BUFFER_FULL.into(),
+        recorded_at_ms: now_ms,
+    };
+    let gap = insert_gap(tx, gap)?;
+    tracing::warn!(
+        evicted = count,
+        from_ms,
+        to_ms,
+        max_buffer_bytes = cap,
+        "buffer full: evicted summaries, recorded a gap for the cloud"
+    );
+    Ok(CloseOutcome {
+        evicted: count,
+        gap: Some(gap),
+    })
+}
+
+/// Inserts `gap` with the next gap seq (which it returns filled in).
+fn insert_gap(tx: &Transaction<'_>, mut gap: Gap) -> Result<Gap, StoreError> {
+    let next: i64 = tx.query_row(
+        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'gap'),
+                         (SELECT MAX(seq) FROM gap), 0) + 1",
+        [],
+        |r| r.get(0),
+    )?;
+    gap.seq = next.max(1) as u64;
+    let body = minicbor::to_vec(&gap).unwrap_or_default();
+    tx.execute(
+        "INSERT INTO gap (seq, body, bytes) VALUES (?1, ?2, ?3)",
+        params![next, body, body.len() as i64 + ROW_OVERHEAD_BYTES as i64],
+    )?;
+    Ok(gap)
+}
+
+/// Renames `path` (and its `-wal`; the `-shm` index is deleted) to `<path>.corrupt-<now_ms>`.
+fn move_aside(path: &Path, now_ms: i64) -> Result<PathBuf, StoreError> {
+    let with_suffix = |suffix: &str| {
+        let mut s = path.as_os_str().to_owned();
+        s.push(suffix);
+        PathBuf::from(s)
+    };
+    let moved_to = with_suffix(&format!(".corrupt-{now_ms}"));
+    std::fs::rename(path, &moved_to).map_err(|source| StoreError::MoveAside {
+        path: path.to_owned(),
+        source,
+    })?;
+    let wal = with_suffix("-wal");
+    if wal.exists() {
+        let mut target = moved_to.as_os_str().to_owned();
+        target.push("-wal");
+        std::fs::rename(&wal, PathBuf::from(target)).map_err(|source| StoreError::MoveAside {
+            path: wal.clone(),
+            source,
+        })?;
+    }
+    let shm = with_suffix("-shm");
+    if shm.exists() {
+        std::fs::remove_file(&shm).map_err(|source| StoreError::MoveAside { path: shm, source })?;
+    }
+    Ok(moved_to)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::window::{Admission, WindowSpec, Windows};
+    use edgewise_protocol::Score;
 
     fn reading(stream: &str, time_ms: i64, value: f64) -> Reading {
         Reading {
@@ -330,6 +912,49 @@ mod tests {
         (dir, store)
     }
 
+    /// Offset of every test window, so all encode to the same size (4-byte CBOR integers).
+    const T: i64 = 1_000_000;
+
+    /// A closed window of `stream` starting at `T + start` (10 ms windows), optionally an alert.
+    fn closed(stream: &str, start: i64, alert: bool) -> ClosedWindow {
+        let start = T + start;
+        ClosedWindow {
+            summary: WindowSummary {
+                agent_id: "gw".into(),
+                stream: stream.into(),
+                window_start_ms: start,
+                window_end_ms: start + 10,
+                revision: 0,
+                count: 1,
+                min: 1.0,
+                max: 1.0,
+                mean: 1.0,
+                stddev: 0.0,
+                first_value: 1.0,
+                first_time_ms: start,
+                last_value: 1.0,
+                last_time_ms: start,
+                unit: None,
+                score: Some(Score {
+                    value: if alert { 0.9 } else { 0.1 },
+                    alert,
+                    model: "m@1".into(),
+                }),
+            },
+            closed_until_ms: start + 10,
+        }
+    }
+
+    fn row_bytes(c: &ClosedWindow) -> u64 {
+        minicbor::to_vec(&c.summary).unwrap().len() as u64 + ROW_OVERHEAD_BYTES
+    }
+
+    fn starts(rows: &[OutboxRow]) -> Vec<(i64, bool)> {
+        rows.iter()
+            .map(|r| (r.summary.window_start_ms - T, r.summary.is_alert()))
+            .collect()
+    }
+
     #[test]
     fn redelivered_readings_are_journaled_once() {
         let (_dir, mut store) = open();
@@ -342,6 +967,28 @@ mod tests {
             .unwrap();
         assert_eq!(ins, vec![false, true]);
         assert_eq!(store.journal_len().unwrap(), 3);
+    }
+
+    #[test]
+    fn without_the_journal_readings_are_not_written_but_dead_letters_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            journal: false,
+            ..StoreOptions::default()
+        };
+        let mut store = Store::open_with(&dir.path().join("a.db"), &opts).unwrap();
+        let mut ins = Vec::new();
+        let d = DeadLetter::new(1, "t", "not_json", b"x");
+        store
+            .commit_ingest(
+                &[reading("s", 1, 1.0), reading("s", 1, 1.0)],
+                &[d],
+                &mut ins,
+            )
+            .unwrap();
+        assert_eq!(ins, vec![true, true]);
+        assert_eq!(store.journal_len().unwrap(), 0);
+        assert_eq!(store.dead_letters(10).unwrap().len(), 1);
     }
 
     #[test]
@@ -368,9 +1015,9 @@ mod tests {
             }
             let closed = w.advance(0);
             assert_eq!(closed.len(), 1);
-            store.commit_closed(&closed).unwrap();
+            store.commit_closed(&closed, 0).unwrap();
             // Closing the same window again (a retried transaction) does not duplicate it.
-            store.commit_closed(&closed).unwrap();
+            store.commit_closed(&closed, 0).unwrap();
         }
         let store = Store::open(&path, 10).unwrap();
         assert_eq!(
@@ -383,6 +1030,7 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].summary.count, 2);
         assert_eq!(rows[0].summary.mean, 2.0);
+        assert_eq!(store.buffer_usage().unwrap().summaries, 1);
         // A rebuilt window state refuses the closed window.
         let mut w = Windows::new("gw", spec);
         for (s, c) in store.closed_streams().unwrap() {
@@ -394,31 +1042,252 @@ mod tests {
     #[test]
     fn outbox_rows_go_only_when_removed_or_rejected() {
         let (_dir, mut store) = open();
-        let spec = WindowSpec {
-            size_ms: 10,
-            allowed_lateness_ms: 0,
-            idle_timeout_ms: 1,
-        };
-        let mut w = Windows::new("gw", spec);
-        for t in [1, 11, 21] {
-            w.add(&reading("s", t, 1.0), 0);
-        }
-        store.commit_closed(&w.advance(10)).unwrap();
+        let all: Vec<_> = [0, 10, 20].iter().map(|&t| closed("s", t, false)).collect();
+        store.commit_closed(&all, 0).unwrap();
         let rows = store.outbox_peek(2).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(store.outbox_size().unwrap().0, 3);
-        assert_eq!(store.outbox_remove(rows[0].seq, rows[1].seq).unwrap(), 2);
-        let rest = store.outbox_peek(10).unwrap();
-        assert_eq!(rest.len(), 1);
-        assert_eq!(rest[0].summary.window_start_ms, 20);
         assert_eq!(
             store
-                .outbox_reject(rest[0].seq, rest[0].seq, "400: bad", 5)
+                .outbox_remove(&[rows[0].seq, rows[1].seq], &[])
+                .unwrap(),
+            2
+        );
+        let rest = store.outbox_peek(10).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].summary.window_start_ms, T + 20);
+        assert_eq!(
+            store
+                .outbox_reject(&[rest[0].seq], &[], "400: bad", 5)
                 .unwrap(),
             1
         );
         assert_eq!(store.outbox_size().unwrap(), (0, 0));
         assert_eq!(store.dead_letters(10).unwrap()[0].reason, "400: bad");
+    }
+
+    #[test]
+    fn buffer_usage_counts_exact_bytes_across_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let mut writer = Store::open(&path, 10).unwrap();
+        let mut uploader = Store::open(&path, 10).unwrap();
+        let all: Vec<_> = (0..5).map(|i| closed("s", i * 10, i == 2)).collect();
+        writer.commit_closed(&all, 0).unwrap();
+        let total: u64 = all.iter().map(row_bytes).sum();
+        assert_eq!(
+            uploader.buffer_usage().unwrap(),
+            BufferUsage {
+                summaries: 5,
+                gaps: 0,
+                bytes: total
+            }
+        );
+        let first = uploader.outbox_peek(1).unwrap()[0].seq;
+        uploader.outbox_remove(&[first], &[]).unwrap();
+        assert_eq!(
+            writer.buffer_usage().unwrap().bytes,
+            total - row_bytes(&all[0])
+        );
+    }
+
+    #[test]
+    fn over_the_cap_plain_summaries_go_oldest_first_then_alerts_with_a_gap_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = row_bytes(&closed("s", 0, false));
+        // Room for exactly 10 rows; the 95% target keeps 9 (minus the gap record's share).
+        let opts = StoreOptions {
+            agent_id: "gw".into(),
+            max_buffer_bytes: one * 10,
+            ..StoreOptions::default()
+        };
+        let mut store = Store::open_with(&dir.path().join("a.db"), &opts).unwrap();
+        // 3 alerts among 10 rows: at the cap, nothing is evicted yet.
+        let first: Vec<_> = (0..10)
+            .map(|i| {
+                closed(
+                    if i % 2 == 0 { "a" } else { "b" },
+                    i * 10,
+                    [1, 4, 7].contains(&i),
+                )
+            })
+            .collect();
+        let out = store.commit_closed(&first, 5).unwrap();
+        assert_eq!(out.evicted, 0);
+        assert_eq!(store.buffer_usage().unwrap().bytes, one * 10);
+
+        // 5 more plain rows: everything plain that is older goes first, alerts stay.
+        let more: Vec<_> = (10..15).map(|i| closed("c", i * 10, false)).collect();
+        let out = store.commit_closed(&more, 77).unwrap();
+        let usage = store.buffer_usage().unwrap();
+        assert!(usage.bytes <= opts.max_buffer_bytes, "{usage:?}");
+        let kept = starts(&store.outbox_peek(100).unwrap());
+        let gap = out.gap.clone().unwrap();
+        assert_eq!(out.evicted as usize + kept.len(), 15);
+        assert_eq!(usage.summaries as usize, kept.len());
+        assert_eq!(usage.gaps, 1);
+        // The three alerts survive; the evicted are exactly the oldest plain windows.
+        for a in [10, 40, 70] {
+            assert!(kept.contains(&(a, true)), "{kept:?}");
+        }
+        let plain_kept: Vec<i64> = kept.iter().filter(|k| !k.1).map(|k| k.0).collect();
+        let all_plain: Vec<i64> = (0..15)
+            .filter(|i| ![1, 4, 7].contains(i))
+            .map(|i| i * 10)
+            .collect();
+        assert_eq!(plain_kept, all_plain[all_plain.len() - plain_kept.len()..]);
+        assert_eq!(gap.count, out.evicted);
+        assert_eq!(gap.reason, REASON_BUFFER_FULL);
+        assert_eq!(gap.from_ms, T);
+        assert_eq!(gap.to_ms, T + all_plain[out.evicted as usize - 1] + 10);
+        assert_eq!(gap.recorded_at_ms, 77);
+        assert_eq!(gap.agent_id, "gw");
+        assert!(gap.streams.contains(&"a".to_string()));
+        assert_eq!(store.pending_gaps().unwrap(), vec![gap.clone()]);
+
+        // A flood of alerts: plain ones are all gone first, then the oldest alerts.
+        let alerts: Vec<_> = (20..40).map(|i| closed("d", i * 10, true)).collect();
+        let out = store.commit_closed(&alerts, 99).unwrap();
+        let kept = starts(&store.outbox_peek(100).unwrap());
+        assert!(kept.iter().all(|k| k.1), "{kept:?}");
+        assert_eq!(kept.last().unwrap().0, 390);
+        assert!(store.buffer_usage().unwrap().bytes <= opts.max_buffer_bytes);
+        let gaps = store.pending_gaps().unwrap();
+        assert_eq!(gaps.len(), 2);
+        assert!(gaps[1].seq > gaps[0].seq);
+        assert_eq!(gaps[1].count, out.evicted);
+    }
+
+    #[test]
+    fn drain_sends_gaps_then_alerts_then_summaries_in_the_configured_order_within_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = row_bytes(&closed("s", 0, false));
+        let opts = StoreOptions {
+            max_buffer_bytes: one * 6,
+            ..StoreOptions::default()
+        };
+        let mut store = Store::open_with(&dir.path().join("a.db"), &opts).unwrap();
+        let all: Vec<_> = (0..8)
+            .map(|i| closed("s", i * 10, i == 5 || i == 6))
+            .collect();
+        let out = store.commit_closed(&all, 0).unwrap();
+        assert!(out.evicted > 0);
+        let d = store
+            .outbox_drain(DrainOrder::OldestFirst, 100, u64::MAX)
+            .unwrap();
+        assert_eq!(d.gaps.len(), 1);
+        let order = starts(&d.summaries);
+        assert_eq!(&order[..2], &[(50, true), (60, true)]);
+        assert!(order[2..].windows(2).all(|w| w[0].0 < w[1].0 && !w[0].1));
+        let d = store
+            .outbox_drain(DrainOrder::NewestFirst, 100, u64::MAX)
+            .unwrap();
+        let order = starts(&d.summaries);
+        assert_eq!(&order[..3], &[(60, true), (50, true), (70, false)]);
+        // Byte budget: the gap plus at most what fits; never empty.
+        let gap_len = d.gaps[0].bytes as u64;
+        let body = one - ROW_OVERHEAD_BYTES;
+        let d = store
+            .outbox_drain(DrainOrder::OldestFirst, 100, gap_len + 2 * body)
+            .unwrap();
+        assert_eq!((d.gaps.len(), d.summaries.len()), (1, 2));
+        assert_eq!(d.body_bytes, gap_len + 2 * body);
+        let d = store.outbox_drain(DrainOrder::OldestFirst, 100, 1).unwrap();
+        assert_eq!((d.gaps.len(), d.summaries.len()), (1, 0));
+        let d = store
+            .outbox_drain(DrainOrder::OldestFirst, 1, u64::MAX)
+            .unwrap();
+        assert_eq!(d.summaries.len(), 1);
+        // Removing what was sent, gaps included.
+        let seqs: Vec<i64> = d.summaries.iter().map(|r| r.seq).collect();
+        let gaps: Vec<u64> = d.gaps.iter().map(|g| g.gap.seq).collect();
+        store.outbox_remove(&seqs, &gaps).unwrap();
+        assert_eq!(store.pending_gaps().unwrap(), vec![]);
+        assert_eq!(store.buffer_usage().unwrap().gaps, 0);
+    }
+
+    #[test]
+    fn disk_full_fails_the_transaction_cleanly_and_writes_resume_when_space_returns() {
+        let (_dir, mut store) = open();
+        let mut ins = Vec::new();
+        store
+            .commit_ingest(&[reading("s", 0, 0.0)], &[], &mut ins)
+            .unwrap();
+        // No room to grow: the file stays at its current size.
+        store.set_max_db_bytes(Some(1)).unwrap();
+        let big: Vec<Reading> = (1..20_000).map(|t| reading("s", t, t as f64)).collect();
+        let err = store.commit_ingest(&big, &[], &mut ins).unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+        // Nothing of the failed batch is there; what was committed before is.
+        assert_eq!(store.journal_len().unwrap(), 1);
+        store.set_max_db_bytes(None).unwrap();
+        store.commit_ingest(&big, &[], &mut ins).unwrap();
+        assert_eq!(store.journal_len().unwrap(), 20_000);
+    }
+
+    fn assert_recovers(path: &Path, damage: impl FnOnce(&Path)) {
+        {
+            let mut store = Store::open(path, 10).unwrap();
+            let mut ins = Vec::new();
+            let rs: Vec<Reading> = (0..5000).map(|t| reading("s", t, 1.0)).collect();
+            store.commit_ingest(&rs, &[], &mut ins).unwrap();
+            store
+                .conn
+                .pragma_update(None, "wal_checkpoint", "TRUNCATE")
+                .unwrap();
+        }
+        damage(path);
+        let opts = StoreOptions {
+            agent_id: "gw".into(),
+            ..StoreOptions::default()
+        };
+        let (store, recovered) = Store::open_or_recover(path, &opts).unwrap();
+        let recovered = recovered.expect("the damage was detected");
+        assert!(recovered.moved_to.exists());
+        assert_eq!(store.journal_len().unwrap(), 0);
+        let gaps = store.pending_gaps().unwrap();
+        assert_eq!(gaps.len(), 1);
+        assert_eq!(gaps[0].reason, REASON_STORE_CORRUPT);
+        // The fresh file is healthy: opening again finds nothing to recover.
+        drop(store);
+        let (_, again) = Store::open_or_recover(path, &opts).unwrap();
+        assert_eq!(again, None);
+    }
+
+    #[test]
+    fn a_truncated_database_is_moved_aside_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        assert_recovers(&path, |p| {
+            let len = std::fs::metadata(p).unwrap().len();
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            f.set_len(len / 3).unwrap();
+        });
+    }
+
+    #[test]
+    fn a_garbage_file_is_moved_aside_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        assert_recovers(&path, |p| {
+            std::fs::write(p, vec![0xA5; 8192]).unwrap();
+        });
+    }
+
+    #[test]
+    fn a_corrupt_page_is_moved_aside_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        assert_recovers(&path, |p| {
+            let mut bytes = std::fs::read(p).unwrap();
+            let page = 4096;
+            // Scribble over the middle of the file (b-tree pages), keep the header.
+            let mid = bytes.len() / 2 / page * page;
+            for b in &mut bytes[mid..mid + page] {
+                *b = 0x5A;
+            }
+            std::fs::write(p, bytes).unwrap();
+        });
     }
 
     #[test]

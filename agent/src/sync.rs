@@ -1,19 +1,25 @@
-//! Sync: the outbox, in order, to the receiver's `POST /v1/ingest`.
+//! Sync: the buffer, most valuable first, to the receiver's `POST /v1/ingest`.
 //!
-//! The [`Uploader`] reads the oldest summaries from the outbox, posts them as one CBOR
-//! [`Batch`], and deletes exactly those rows only after a 2xx. A failed or unanswered request
-//! leaves them in place, so they are sent again: the receiver's insert is idempotent by summary id,
-//! which makes "at least once" on the wire "exactly once" in the cloud.
+//! The [`Uploader`] takes the next batch from the store ([`Store::outbox_drain`]): pending gap
+//! records, then alerts, then plain summaries in the configured [`DrainOrder`] (oldest first by
+//! default), up to `batch_max_summaries` and `batch_max_bytes` of encoded records. It posts them
+//! as one CBOR [`Batch`] and deletes exactly those rows only after a 2xx. A failed or unanswered
+//! request leaves them in place, so they are sent again: the receiver's insert is idempotent by
+//! summary id (and gap seq), which makes "at least once" on the wire "exactly once" in the cloud.
+//! With `max_bytes_per_second` set, the next request waits until the average stays under it.
 //!
 //! Responses:
 //! - 2xx: delete the rows.
 //! - 429 / 503: wait `Retry-After` (capped by `backoff_max_ms`) or back off.
-//! - 413 with more than one summary: halve the batch and retry.
-//! - 400, 413 for a single summary, 422: the data itself is refused. The rows move to the
+//! - 413 with more than one record: halve the batch and retry.
+//! - 400, 413 for a single record, 422: the data itself is refused. The rows move to the
 //!   dead-letter table with the receiver's message (counted, kept, never silently dropped) so one
 //!   bad summary cannot block the queue forever.
 //! - 401, 403, other statuses, network errors: exponential back-off with jitter, retry forever
 //!   (an operator can fix a token without losing data).
+//!
+//! On shutdown a request in flight gets [`SHUTDOWN_GRACE`] to finish; abandoning it is safe (the
+//! rows stay and are re-sent).
 //!
 //! Tested end to end in `tests/` with a real receiver on loopback, including one that is down.
 
@@ -24,10 +30,13 @@ use edgewise_protocol::Batch;
 use reqwest::StatusCode;
 use tokio::sync::{Notify, watch};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, DrainOrder};
 use crate::ingest::wall_ms;
 use crate::metrics::Metrics;
-use crate::store::{OutboxRow, Store, StoreError};
+use crate::store::{Drain, Store, StoreError, StoreOptions};
+
+/// How long a request in flight may take to finish once shutdown was asked for.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -48,13 +57,17 @@ pub struct Uploader {
     store: Arc<Mutex<Store>>,
     metrics: Arc<Metrics>,
     batch_max: usize,
+    batch_max_bytes: u64,
+    order: DrainOrder,
+    max_bytes_per_second: Option<u64>,
     interval: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
 }
 
 enum Outcome {
-    Sent,
+    /// Sent (or moved aside); the next request may go after the pause (bandwidth limit).
+    Sent(Duration),
     Idle,
     Retry(Option<Duration>),
 }
@@ -63,7 +76,7 @@ impl Uploader {
     /// Opens its own connection to the agent's SQLite file.
     pub fn new(cfg: &AgentConfig, metrics: Arc<Metrics>) -> Result<Uploader, SyncError> {
         let token = cfg.sync_token().map_err(SyncError::Config)?;
-        let store = Store::open(&cfg.store.path, cfg.store.dead_letter_max_rows)?;
+        let store = Store::open_with(&cfg.store.path, &StoreOptions::from_config(cfg))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.sync.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.sync.timeout_ms.min(5000)))
@@ -76,6 +89,9 @@ impl Uploader {
             store: Arc::new(Mutex::new(store)),
             metrics,
             batch_max: cfg.sync.batch_max_summaries,
+            batch_max_bytes: cfg.sync.batch_max_bytes,
+            order: cfg.sync.order,
+            max_bytes_per_second: cfg.sync.max_bytes_per_second,
             interval: Duration::from_millis(cfg.sync.interval_ms),
             backoff_initial: Duration::from_millis(cfg.sync.backoff_initial_ms),
             backoff_max: Duration::from_millis(cfg.sync.backoff_max_ms),
@@ -90,10 +106,21 @@ impl Uploader {
             if *shutdown.borrow() {
                 return;
             }
-            let wait = match self.send_once(&mut limit).await {
-                Outcome::Sent => {
+            let outcome = tokio::select! {
+                o = self.send_once(&mut limit) => o,
+                _ = async {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => return,
+            };
+            let wait = match outcome {
+                Outcome::Sent(pause) if pause.is_zero() => {
                     backoff = self.backoff_initial;
                     continue;
+                }
+                Outcome::Sent(pause) => {
+                    backoff = self.backoff_initial;
+                    pause
                 }
                 Outcome::Idle => {
                     limit = self.batch_max;
@@ -137,26 +164,37 @@ impl Uploader {
     }
 
     async fn send_once(&self, limit: &mut usize) -> Outcome {
-        let max = *limit;
-        let rows = match self.with_store(move |s| s.outbox_peek(max)).await {
-            Ok(rows) => rows,
+        let (max, max_bytes, order) = (*limit, self.batch_max_bytes, self.order);
+        let drain = match self
+            .with_store(move |s| s.outbox_drain(order, max, max_bytes))
+            .await
+        {
+            Ok(d) => d,
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::error!(error = %e, "reading the outbox failed");
                 return Outcome::Retry(None);
             }
         };
-        self.refresh_gauges().await;
-        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        if drain.is_empty() {
+            self.refresh_gauges().await;
             return Outcome::Idle;
-        };
-        let (first_seq, last_seq, n) = (first.seq, last.seq, rows.len());
-        let body = Batch::new(
+        }
+        let started = tokio::time::Instant::now();
+        let Drain {
+            gaps, summaries, ..
+        } = drain;
+        let seqs: Vec<i64> = summaries.iter().map(|r| r.seq).collect();
+        let gap_seqs: Vec<u64> = gaps.iter().map(|g| g.gap.seq).collect();
+        let records = seqs.len() + gap_seqs.len();
+        let mut batch = Batch::new(
             self.agent_id.clone(),
             wall_ms(),
-            rows.into_iter().map(|r: OutboxRow| r.summary).collect(),
-        )
-        .to_cbor();
+            summaries.into_iter().map(|r| r.summary).collect(),
+        );
+        batch.gaps = gaps.into_iter().map(|g| g.gap).collect();
+        let body = batch.to_cbor();
+        drop(batch);
         let body_len = body.len() as u64;
         let response = self
             .http
@@ -175,9 +213,11 @@ impl Uploader {
             }
         };
         let status = response.status();
+        let pace = self.pace(body_len, started);
         if status.is_success() {
+            let (n, g) = (seqs.len() as u64, gap_seqs.len() as u64);
             let removed = self
-                .with_store(move |s| s.outbox_remove(first_seq, last_seq))
+                .with_store(move |s| s.outbox_remove(&seqs, &gap_seqs))
                 .await;
             if let Err(e) = removed {
                 // The cloud has them; resending later is harmless (idempotent).
@@ -185,12 +225,13 @@ impl Uploader {
                 tracing::error!(error = %e, "deleting acknowledged summaries failed");
                 return Outcome::Retry(None);
             }
-            self.metrics.summaries_synced.add(n as u64);
+            self.metrics.summaries_synced.add(n);
+            self.metrics.gaps_synced.add(g);
             self.metrics.sync_requests_ok.inc();
             self.metrics.sync_bytes_sent.add(body_len);
             *limit = self.batch_max;
             self.refresh_gauges().await;
-            return Outcome::Sent;
+            return Outcome::Sent(pace);
         }
         self.metrics.sync_failures.inc();
         let retry_after = response
@@ -211,31 +252,28 @@ impl Uploader {
                 tracing::info!(%status, "receiver asks us to slow down");
                 Outcome::Retry(retry_after)
             }
-            StatusCode::PAYLOAD_TOO_LARGE if n > 1 => {
-                *limit = (n / 2).max(1);
-                tracing::warn!(
-                    summaries = n,
-                    "batch too large for the receiver; halving it"
-                );
-                Outcome::Sent
+            StatusCode::PAYLOAD_TOO_LARGE if records > 1 => {
+                *limit = (seqs.len() / 2).max(1);
+                tracing::warn!(records, "batch too large for the receiver; halving it");
+                Outcome::Sent(pace)
             }
             StatusCode::BAD_REQUEST
             | StatusCode::PAYLOAD_TOO_LARGE
             | StatusCode::UNPROCESSABLE_ENTITY => {
                 let reason = format!("receiver refused ({status}): {message}");
-                tracing::error!(summaries = n, %reason, "moving refused summaries to the dead-letter table");
+                tracing::error!(records, %reason, "moving refused records to the dead-letter table");
                 let now = wall_ms();
                 match self
-                    .with_store(move |s| s.outbox_reject(first_seq, last_seq, &reason, now))
+                    .with_store(move |s| s.outbox_reject(&seqs, &gap_seqs, &reason, now))
                     .await
                 {
                     Ok(moved) => {
                         self.metrics.summaries_rejected.add(moved as u64);
-                        Outcome::Sent
+                        Outcome::Sent(pace)
                     }
                     Err(e) => {
                         self.metrics.store_errors.inc();
-                        tracing::error!(error = %e, "moving refused summaries failed");
+                        tracing::error!(error = %e, "moving refused records failed");
                         Outcome::Retry(None)
                     }
                 }
@@ -247,10 +285,21 @@ impl Uploader {
         }
     }
 
+    /// How long to wait after sending `body_len` bytes (request started at `started`) to stay
+    /// under `max_bytes_per_second`.
+    fn pace(&self, body_len: u64, started: tokio::time::Instant) -> Duration {
+        match self.max_bytes_per_second {
+            Some(rate) if rate > 0 => Duration::from_secs_f64(body_len as f64 / rate as f64)
+                .saturating_sub(started.elapsed()),
+            _ => Duration::ZERO,
+        }
+    }
+
     async fn refresh_gauges(&self) {
-        if let Ok((rows, bytes)) = self.with_store(|s| s.outbox_size()).await {
-            self.metrics.outbox_rows.set(rows);
-            self.metrics.outbox_bytes.set(bytes);
+        if let Ok(u) = self.with_store(|s| s.buffer_usage()).await {
+            self.metrics.outbox_rows.set(u.summaries);
+            self.metrics.outbox_bytes.set(u.bytes);
+            self.metrics.buffer_gap_rows.set(u.gaps);
         }
     }
 }

@@ -32,9 +32,11 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use edgewise_protocol::Batch;
 use serde::Deserialize;
+use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::bearer_token;
+use crate::limit::{RateLimit, RateLimiter};
 use crate::metrics::{Metrics, PROMETHEUS_CONTENT_TYPE, RejectReason};
 use crate::store::{
     DEFAULT_QUERY_LIMIT, DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, Storage, StoreError,
@@ -45,16 +47,20 @@ use crate::store::{
 pub const MAX_SUMMARIES_PER_BATCH: usize = 10_000;
 
 /// How the HTTP server treats requests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
-    /// Largest accepted request body; larger ones get 413. Default 1 MiB.
+    /// Largest accepted request body, after gzip decompression; larger ones get 413.
+    /// Default 1 MiB.
     pub max_body_bytes: usize,
+    /// Per-device ingest rate limit (429 with `Retry-After` above it); `None` for no limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_body_bytes: 1024 * 1024,
+            rate_limit: Some(RateLimit::default()),
         }
     }
 }
@@ -75,6 +81,8 @@ pub enum ApiError {
     /// A bad query parameter.
     #[error("{0}")]
     BadRequest(String),
+    #[error("device {device:?} is over its rate limit; retry in {retry_after_s} s")]
+    TooManyRequests { device: String, retry_after_s: u64 },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     /// The database cannot be reached now; the client should retry (503 with `Retry-After`).
@@ -94,6 +102,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -107,6 +116,7 @@ impl ApiError {
             ApiError::Malformed(_) => Some(RejectReason::Malformed),
             ApiError::Invalid(_) => Some(RejectReason::Invalid),
             ApiError::PayloadTooLarge { .. } => Some(RejectReason::TooLarge),
+            ApiError::TooManyRequests { .. } => Some(RejectReason::RateLimited),
             ApiError::BadRequest(_) | ApiError::Unavailable(_) | ApiError::Internal(_) => None,
         }
     }
@@ -145,10 +155,15 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut response = (status, Json(serde_json::json!({ "error": message }))).into_response();
-        if let ApiError::Unavailable(_) = self {
+        let retry_after = match self {
+            ApiError::Unavailable(_) => Some(1),
+            ApiError::TooManyRequests { retry_after_s, .. } => Some(retry_after_s),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+                .insert(RETRY_AFTER, axum::http::HeaderValue::from(seconds));
         }
         response
     }
@@ -157,6 +172,7 @@ impl IntoResponse for ApiError {
 #[derive(Clone)]
 struct AppState<S> {
     store: S,
+    limiter: Option<Arc<RateLimiter>>,
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
 }
@@ -165,11 +181,15 @@ struct AppState<S> {
 pub fn router<S: Storage>(store: S, metrics: Arc<Metrics>, cfg: &ServerConfig) -> Router {
     let state = AppState {
         store,
+        limiter: cfg.rate_limit.map(|l| Arc::new(RateLimiter::new(l))),
         metrics,
         max_body_bytes: cfg.max_body_bytes,
     };
     Router::new()
-        .route("/v1/ingest", post(ingest::<S>))
+        .route(
+            "/v1/ingest",
+            post(ingest::<S>).layer(RequestDecompressionLayer::new().gzip(true)),
+        )
         .route("/v1/devices", get(list_devices::<S>))
         .route("/v1/summaries", get(list_summaries::<S>))
         .route("/v1/alerts", get(list_alerts::<S>))
@@ -213,6 +233,14 @@ async fn ingest_batch<S: Storage>(
         .authenticate(token)
         .await?
         .ok_or(ApiError::Unauthorized)?;
+    if let Some(limiter) = &state.limiter
+        && let Err(wait) = limiter.check(&device, std::time::Instant::now())
+    {
+        return Err(ApiError::TooManyRequests {
+            device,
+            retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
+    }
 
     // Honours the DefaultBodyLimit layer (refuses early on a large Content-Length).
     let body = Bytes::from_request(request, &())

@@ -7,6 +7,7 @@
 //! - [`store`]: storage of devices, summaries (with scores) and gap records: shared types and
 //!   checks, and the SQLite backend ([`Store`]): schema migrations, idempotent one-transaction
 //!   ingest keyed by `(device, stream, window start)` with revisions, and by `(device, gap seq)`.
+//! - [`limit`]: per-device token-bucket rate limiting of ingest (429 with `Retry-After`).
 //! - [`metrics`]: per-receiver atomic counters ([`Metrics`]) rendered as Prometheus text.
 //! - [`api`]: the axum routes and handlers, request checks, and errors mapped to statuses.
 //! - [`server`]: [`Receiver`], a running server with graceful stop.
@@ -18,12 +19,14 @@
 
 pub mod api;
 pub mod auth;
+pub mod limit;
 pub mod metrics;
 pub mod server;
 pub mod store;
 
 pub use api::{ApiError, MAX_SUMMARIES_PER_BATCH, ServerConfig};
 pub use auth::DeviceToken;
+pub use limit::RateLimit;
 pub use metrics::{Metrics, MetricsSnapshot, RejectReason};
 pub use server::Receiver;
 pub use store::{

@@ -19,7 +19,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use edgewise_cloud::{AnyStore, PgConfig, PgStore, Receiver, ServerConfig, Storage, Store};
+use edgewise_cloud::{
+    AnyStore, PgConfig, PgStore, RateLimit, Receiver, ServerConfig, Storage, Store,
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -59,6 +61,12 @@ enum Command {
         /// Largest accepted request body in bytes; larger ones get 413.
         #[arg(long, env = "EDGEWISE_CLOUD_MAX_BODY_BYTES", default_value_t = ServerConfig::default().max_body_bytes)]
         max_body_bytes: usize,
+        /// Ingest requests per second per device (0 turns the limit off); above it, 429.
+        #[arg(long, env = "EDGEWISE_CLOUD_RATE_LIMIT_PER_SECOND", default_value_t = RateLimit::default().per_second)]
+        rate_limit_per_second: f64,
+        /// Requests a device may send at once above its rate.
+        #[arg(long, env = "EDGEWISE_CLOUD_RATE_LIMIT_BURST", default_value_t = RateLimit::default().burst)]
+        rate_limit_burst: u32,
     },
     /// Manage devices and their tokens.
     Device {
@@ -103,8 +111,16 @@ async fn main() -> anyhow::Result<()> {
             listen,
             db,
             max_body_bytes,
+            rate_limit_per_second,
+            rate_limit_burst,
         } => {
-            let cfg = ServerConfig { max_body_bytes };
+            let cfg = ServerConfig {
+                max_body_bytes,
+                rate_limit: (rate_limit_per_second > 0.0).then_some(RateLimit {
+                    per_second: rate_limit_per_second,
+                    burst: rate_limit_burst,
+                }),
+            };
             serve(listen, open(&db).await?, cfg).await
         }
         Command::Device { command } => match command {

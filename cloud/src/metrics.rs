@@ -30,15 +30,18 @@ pub enum RejectReason {
     Invalid,
     /// The body is over the size limit (413).
     TooLarge,
+    /// The device is over its rate limit (429).
+    RateLimited,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::Unauthorized,
         RejectReason::Forbidden,
         RejectReason::Malformed,
         RejectReason::Invalid,
         RejectReason::TooLarge,
+        RejectReason::RateLimited,
     ];
 
     /// The `reason` label value.
@@ -49,6 +52,7 @@ impl RejectReason {
             RejectReason::Malformed => "malformed",
             RejectReason::Invalid => "invalid",
             RejectReason::TooLarge => "too_large",
+            RejectReason::RateLimited => "rate_limited",
         }
     }
 
@@ -66,7 +70,7 @@ pub struct Metrics {
     inserted: AtomicU64,
     duplicates: AtomicU64,
     revised: AtomicU64,
-    rejected: [AtomicU64; 5],
+    rejected: [AtomicU64; 6],
 }
 
 /// A copy of the counters at one moment.
@@ -83,6 +87,7 @@ pub struct MetricsSnapshot {
     pub rejected_malformed: u64,
     pub rejected_invalid: u64,
     pub rejected_too_large: u64,
+    pub rejected_rate_limited: u64,
 }
 
 impl Metrics {
@@ -126,6 +131,7 @@ impl Metrics {
             rejected_malformed: self.rejected(RejectReason::Malformed),
             rejected_invalid: self.rejected(RejectReason::Invalid),
             rejected_too_large: self.rejected(RejectReason::TooLarge),
+            rejected_rate_limited: self.rejected(RejectReason::RateLimited),
         }
     }
 
@@ -212,6 +218,7 @@ mod tests {
             "edgewise_ingest_rejected_batches_total{reason=\"malformed\"} 0",
             "edgewise_ingest_rejected_batches_total{reason=\"invalid\"} 0",
             "edgewise_ingest_rejected_batches_total{reason=\"too_large\"} 1",
+            "edgewise_ingest_rejected_batches_total{reason=\"rate_limited\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

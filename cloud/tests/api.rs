@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{Backend, Harness, batch, summary, windows};
+use common::{Backend, Harness, answer, batch, summary, windows};
+use edgewise_cloud::RateLimit;
 use edgewise_cloud::{DeviceInfo, IngestOutcome, MetricsSnapshot, ServerConfig};
 use edgewise_protocol::{Batch, Gap, Score};
 use reqwest::StatusCode;
@@ -207,6 +208,7 @@ async fn more_than_10000_summaries_is_400(b: Backend) {
         b,
         ServerConfig {
             max_body_bytes: 8 * 1024 * 1024,
+            ..ServerConfig::default()
         },
     )
     .await;
@@ -230,6 +232,7 @@ async fn oversize_body_is_413_and_nothing_is_stored(b: Backend) {
         b,
         ServerConfig {
             max_body_bytes: limit,
+            ..ServerConfig::default()
         },
     )
     .await;
@@ -279,6 +282,7 @@ async fn metrics_count_every_outcome(b: Backend) {
         b,
         ServerConfig {
             max_body_bytes: 16 * 1024,
+            ..ServerConfig::default()
         },
     )
     .await;
@@ -319,6 +323,7 @@ async fn metrics_count_every_outcome(b: Backend) {
         rejected_malformed: 1,
         rejected_invalid: 1,
         rejected_too_large: 1,
+        rejected_rate_limited: 0,
     };
     assert_eq!(h.receiver.metrics().snapshot(), expected);
 
@@ -345,6 +350,7 @@ async fn metrics_count_every_outcome(b: Backend) {
         "edgewise_ingest_rejected_batches_total{reason=\"malformed\"} 1",
         "edgewise_ingest_rejected_batches_total{reason=\"invalid\"} 1",
         "edgewise_ingest_rejected_batches_total{reason=\"too_large\"} 1",
+        "edgewise_ingest_rejected_batches_total{reason=\"rate_limited\"} 0",
     ] {
         assert!(
             text.lines().any(|l| l == line),
@@ -524,6 +530,8 @@ async fn pages_follow_the_next_cursor_header_to_the_end(b: Backend) {
 }
 
 on_both_backends!(
+    rate_limited_device_gets_429_with_retry_after,
+    gzip_bodies_are_accepted_and_limited_after_decompression,
     good_batch_is_stored_and_served_by_summaries_query,
     same_batch_twice_is_stored_once_and_reported_as_duplicates,
     higher_revision_replaces_and_lower_is_a_duplicate,
@@ -542,3 +550,106 @@ on_both_backends!(
     a_foreign_or_invalid_gap_refuses_the_batch,
     pages_follow_the_next_cursor_header_to_the_end,
 );
+
+async fn rate_limited_device_gets_429_with_retry_after(b: Backend) {
+    let h = Harness::start_with(
+        b,
+        ServerConfig {
+            rate_limit: Some(RateLimit {
+                per_second: 0.5,
+                burst: 2,
+            }),
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let t1 = h.add_device("gw-1").await;
+    let t2 = h.add_device("gw-2").await;
+    let body = |agent: &str, i: i64| batch(agent, vec![summary(agent, STREAM, i * 10_000, 0)]);
+    for i in 0..2 {
+        let a = h.post_ingest(Some(&t1), body("gw-1", i)).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    }
+    let limited = h.post_ingest(Some(&t1), body("gw-1", 2)).await;
+    assert_eq!(
+        limited.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        limited.body
+    );
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    assert!(limited.error().contains("rate limit"));
+    // Other devices are not affected; the refused batch stored nothing.
+    let a = h.post_ingest(Some(&t2), body("gw-2", 0)).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(h.summaries("device=gw-1").await.len(), 2);
+    assert_eq!(h.receiver.metrics().snapshot().rejected_rate_limited, 1);
+    // A bad token is refused as 401 before any rate accounting.
+    let a = h.post_ingest(Some("nope"), body("gw-1", 3)).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+async fn gzip_bodies_are_accepted_and_limited_after_decompression(b: Backend) {
+    let limit = 256 * 1024;
+    let h = Harness::start_with(
+        b,
+        ServerConfig {
+            max_body_bytes: limit,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let token = h.add_device("gw-1").await;
+    let sent = windows("gw-1", STREAM, 50);
+    let post = |body: Vec<u8>, encoding: &'static str| {
+        h.client
+            .post(h.url("/v1/ingest"))
+            .bearer_auth(&token)
+            .header("content-type", "application/cbor")
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+    };
+    let a = answer(
+        post(gzip(&batch("gw-1", sent.clone())), "gzip")
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(parse_outcome(&a.body), outcome(50, 0, 0));
+    let got: Vec<_> = h
+        .summaries("")
+        .await
+        .into_iter()
+        .map(|s| s.summary)
+        .collect();
+    assert_eq!(got, sent);
+
+    // A small gzip body that inflates past the limit is refused with 413.
+    let big = batch("gw-1", windows("gw-1", STREAM, 5_000));
+    assert!(big.len() > limit);
+    let packed = gzip(&big);
+    assert!(packed.len() < limit);
+    let a = answer(post(packed, "gzip").await.unwrap()).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", a.body);
+    // Not gzip at all, though it says so: 400, not a crash.
+    let a = answer(post(b"not gzip".to_vec(), "gzip").await.unwrap()).await;
+    assert!(a.status.is_client_error(), "{}", a.status);
+    // An encoding the receiver does not speak: 415.
+    let a = answer(post(batch("gw-1", sent), "br").await.unwrap()).await;
+    assert_eq!(a.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{}", a.body);
+    assert_eq!(h.summaries("").await.len(), 50);
+}

@@ -39,8 +39,9 @@ use crate::auth::bearer_token;
 use crate::limit::{RateLimit, RateLimiter};
 use crate::metrics::{Metrics, PROMETHEUS_CONTENT_TYPE, RejectReason};
 use crate::store::{
-    DEFAULT_QUERY_LIMIT, DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, Storage, StoreError,
-    StoredGap, StoredSummary, SummaryFilter, SummaryKey, SummaryQuery, check_batch,
+    DEFAULT_QUERY_LIMIT, DeviceInfo, FlatSummary, GapQuery, IngestOutcome, MAX_QUERY_LIMIT,
+    ScoreJson, Storage, StoreError, StoredGap, StoredSummary, SummaryFilter, SummaryKey,
+    SummaryQuery, check_batch,
 };
 
 /// Most summaries accepted in one batch.
@@ -169,6 +170,43 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The JSON body of every error answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// The OpenAPI document of these routes, generated from the handlers' annotations.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Edgewise cloud receiver", description = "Ingest of window summaries from Edgewise agents, and the query API."),
+    paths(ingest, list_devices, list_summaries, list_alerts, list_gaps, render_metrics, healthz, openapi_json),
+    components(schemas(IngestOutcome, DeviceInfo, FlatSummary, ScoreJson, StoredGap, ErrorBody)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "device_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi_json() -> Response {
+    use utoipa::OpenApi;
+    Json(ApiDoc::openapi()).into_response()
+}
+
 #[derive(Clone)]
 struct AppState<S> {
     store: S,
@@ -196,11 +234,27 @@ pub fn router<S: Storage>(store: S, metrics: Arc<Metrics>, cfg: &ServerConfig) -
         .route("/v1/gaps", get(list_gaps::<S>))
         .route("/metrics", get(render_metrics::<S>))
         .route("/healthz", get(healthz::<S>))
+        .route("/openapi.json", get(openapi_json))
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
+/// Store a CBOR batch of window summaries and gap records.
+#[utoipa::path(post, path = "/v1/ingest", tag = "ingest",
+    request_body(content = Vec<u8>, content_type = "application/cbor",
+                 description = "A protocol Batch, optionally with Content-Encoding: gzip"),
+    security(("device_token" = [])),
+    responses(
+        (status = 200, description = "Stored (idempotent)", body = IngestOutcome),
+        (status = 400, description = "Not a batch, or an invalid record", body = ErrorBody),
+        (status = 401, description = "Missing, unknown or revoked token", body = ErrorBody),
+        (status = 403, description = "Another device's data", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Unsupported Content-Encoding"),
+        (status = 429, description = "Over the device's rate limit; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Database unavailable; see Retry-After", body = ErrorBody),
+    ))]
 async fn ingest<S: Storage>(State(state): State<AppState<S>>, request: Request) -> Response {
     let response = match ingest_batch(&state, request).await {
         Ok(outcome) => {
@@ -276,6 +330,10 @@ async fn ingest_batch<S: Storage>(
         .await?)
 }
 
+/// Registered devices with last-seen time and counts.
+#[utoipa::path(get, path = "/v1/devices", tag = "query",
+    responses((status = 200, description = "Devices by id", body = Vec<DeviceInfo>),
+              (status = 503, description = "Database unavailable; retry", body = ErrorBody)))]
 async fn list_devices<S: Storage>(
     State(state): State<AppState<S>>,
 ) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
@@ -395,6 +453,21 @@ async fn summary_page<S: Storage>(
     }))
 }
 
+/// Summaries by device, stream and window-start range, oldest first, paged.
+#[utoipa::path(get, path = "/v1/summaries", tag = "query",
+    params(
+        ("device" = Option<String>, Query, description = "Device id"),
+        ("stream" = Option<String>, Query, description = "Stream name, e.g. node-1/temperature"),
+        ("from" = Option<i64>, Query, description = "Window start at or after, ms since the Unix epoch"),
+        ("to" = Option<i64>, Query, description = "Window start before, ms since the Unix epoch"),
+        ("limit" = Option<u32>, Query, description = "Rows per page, 1 to 10000 (default 1000)", minimum = 1, maximum = 10000),
+        ("after" = Option<String>, Query, description = "The next-cursor header of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of summaries; a full page carries a next-cursor header", body = Vec<FlatSummary>),
+        (status = 400, description = "Bad parameter", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ))]
 async fn list_summaries<S: Storage>(
     State(state): State<AppState<S>>,
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
@@ -403,6 +476,21 @@ async fn list_summaries<S: Storage>(
     summary_page(&state, params.parse(false)?).await
 }
 
+/// Summaries whose anomaly score is an alert, filtered and paged like /v1/summaries.
+#[utoipa::path(get, path = "/v1/alerts", tag = "query",
+    params(
+        ("device" = Option<String>, Query, description = "Device id"),
+        ("stream" = Option<String>, Query, description = "Stream name, e.g. node-1/temperature"),
+        ("from" = Option<i64>, Query, description = "Window start at or after, ms since the Unix epoch"),
+        ("to" = Option<i64>, Query, description = "Window start before, ms since the Unix epoch"),
+        ("limit" = Option<u32>, Query, description = "Rows per page, 1 to 10000 (default 1000)", minimum = 1, maximum = 10000),
+        ("after" = Option<String>, Query, description = "The next-cursor header of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of alerts", body = Vec<FlatSummary>),
+        (status = 400, description = "Bad parameter", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ))]
 async fn list_alerts<S: Storage>(
     State(state): State<AppState<S>>,
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
@@ -432,6 +520,20 @@ fn parse_gap_cursor(s: &str) -> Option<(String, u64)> {
     Some((device, seq.parse().ok()?))
 }
 
+/// Gap records (what devices had to evict), by device and overlapping time range, paged.
+#[utoipa::path(get, path = "/v1/gaps", tag = "query",
+    params(
+        ("device" = Option<String>, Query, description = "Device id"),
+        ("from" = Option<i64>, Query, description = "Gaps ending at or after, ms"),
+        ("to" = Option<i64>, Query, description = "Gaps starting before, ms"),
+        ("limit" = Option<u32>, Query, description = "Rows per page, 1 to 10000", minimum = 1, maximum = 10000),
+        ("after" = Option<String>, Query, description = "The next-cursor header of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of gaps", body = Vec<StoredGap>),
+        (status = 400, description = "Bad parameter", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ))]
 async fn list_gaps<S: Storage>(
     State(state): State<AppState<S>>,
     params: Result<Query<GapParams>, axum::extract::rejection::QueryRejection>,
@@ -452,6 +554,9 @@ async fn list_gaps<S: Storage>(
     Ok(page(rows, limit, gap_cursor))
 }
 
+/// Prometheus text exposition of this receiver's counters.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text 0.0.4", body = String, content_type = "text/plain")))]
 async fn render_metrics<S: Storage>(State(state): State<AppState<S>>) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
@@ -459,6 +564,10 @@ async fn render_metrics<S: Storage>(State(state): State<AppState<S>>) -> impl In
     )
 }
 
+/// Liveness: 200 when the database answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "ok", body = String, content_type = "text/plain"),
+              (status = 503, description = "Database unavailable", body = String, content_type = "text/plain")))]
 async fn healthz<S: Storage>(State(state): State<AppState<S>>) -> Response {
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, "ok").into_response(),

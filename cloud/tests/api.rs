@@ -530,6 +530,7 @@ async fn pages_follow_the_next_cursor_header_to_the_end(b: Backend) {
 }
 
 on_both_backends!(
+    openapi_document_lists_exactly_the_routes_served,
     rate_limited_device_gets_429_with_retry_after,
     gzip_bodies_are_accepted_and_limited_after_decompression,
     good_batch_is_stored_and_served_by_summaries_query,
@@ -652,4 +653,56 @@ async fn gzip_bodies_are_accepted_and_limited_after_decompression(b: Backend) {
     let a = answer(post(batch("gw-1", sent), "br").await.unwrap()).await;
     assert_eq!(a.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{}", a.body);
     assert_eq!(h.summaries("").await.len(), 50);
+}
+
+async fn openapi_document_lists_exactly_the_routes_served(b: Backend) {
+    let h = Harness::start(b).await;
+    let a = h.get("/openapi.json").await;
+    assert_eq!(a.status, StatusCode::OK);
+    let doc = a.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    documented.sort();
+    let served = [
+        ("get", "/healthz"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+        ("get", "/v1/alerts"),
+        ("get", "/v1/devices"),
+        ("get", "/v1/gaps"),
+        ("get", "/v1/summaries"),
+        ("post", "/v1/ingest"),
+    ];
+    let mut served: Vec<(String, String)> = served
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    served.sort();
+    assert_eq!(documented, served);
+    // Every documented GET route answers something other than 404/405.
+    for (method, path) in &documented {
+        if method == "get" {
+            let a = h.get(path).await;
+            assert!(a.status.is_success(), "{path}: {}", a.status);
+        }
+    }
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for name in [
+        "StoredSummary",
+        "StoredGap",
+        "DeviceInfo",
+        "IngestOutcome",
+        "ErrorBody",
+    ] {
+        assert!(schemas.contains_key(name), "schema {name} missing");
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["device_token"]["scheme"],
+        "bearer"
+    );
 }

@@ -7,6 +7,15 @@
 //! | `GET /v1/summaries`    | JSON list of [`StoredSummary`]; `device, stream, from, to, limit` |
 //! | `GET /metrics`         | Prometheus text 0.0.4                                         |
 //! | `GET /healthz`         | 200 `ok` when the database answers, else 503                  |
+//! | `GET /v1/alerts`       | like `/v1/summaries`, only summaries whose score is an alert  |
+//! | `GET /v1/gaps`         | JSON list of [`StoredGap`]; `device, from, to, limit, after`  |
+//! | `GET /openapi.json`    | the OpenAPI document of these routes ([`ApiDoc`])             |
+//! | `GET /`                | the dashboard (`assets/dashboard.html`, embedded)             |
+//!
+//! Query routes page by keyset: a full page carries a `next-cursor` header; pass it back as
+//! `after`. Ingest bodies may be gzip (`Content-Encoding: gzip`); the size limit applies to the
+//! decompressed body. Each device is rate limited (token bucket, 429 with `Retry-After`); a
+//! database that cannot be reached answers 503 with `Retry-After`.
 //!
 //! Ingest checks, in order: bearer token (401), body size (413), CBOR batch and version (400),
 //! at most [`MAX_SUMMARIES_PER_BATCH`] summaries (400), `batch.agent_id` and every
@@ -180,7 +189,7 @@ pub struct ErrorBody {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Edgewise cloud receiver", description = "Ingest of window summaries from Edgewise agents, and the query API."),
-    paths(ingest, list_devices, list_summaries, list_alerts, list_gaps, render_metrics, healthz, openapi_json),
+    paths(dashboard, ingest, list_devices, list_summaries, list_alerts, list_gaps, render_metrics, healthz, openapi_json),
     components(schemas(IngestOutcome, DeviceInfo, FlatSummary, ScoreJson, StoredGap, ErrorBody)),
     modifiers(&BearerAuth),
 )]
@@ -197,6 +206,28 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
+}
+
+/// The dashboard page, shipped inside the binary.
+const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
+
+/// The fleet dashboard: one self-contained HTML page (inline CSS and JS, SVG charts) that reads
+/// the query API of this same receiver; it loads nothing from anywhere else.
+#[utoipa::path(get, path = "/", tag = "dashboard",
+    responses((status = 200, description = "HTML page", body = String, content_type = "text/html")))]
+async fn dashboard() -> Response {
+    (
+        [
+            (CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:",
+            ),
+        ],
+        DASHBOARD_HTML,
+    )
+        .into_response()
 }
 
 /// This document.
@@ -235,6 +266,7 @@ pub fn router<S: Storage>(store: S, metrics: Arc<Metrics>, cfg: &ServerConfig) -
         .route("/metrics", get(render_metrics::<S>))
         .route("/healthz", get(healthz::<S>))
         .route("/openapi.json", get(openapi_json))
+        .route("/", get(dashboard))
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -669,6 +669,7 @@ async fn openapi_document_lists_exactly_the_routes_served(b: Backend) {
     }
     documented.sort();
     let served = [
+        ("get", "/"),
         ("get", "/healthz"),
         ("get", "/metrics"),
         ("get", "/openapi.json"),

@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{BrokerAddr, Proxy, Subscriber, broker, free_port, unique};
-use edgewise_firmware::sim::{Faults, SIM_METRICS, SimConfig, SimError, Simulator};
+use edgewise_firmware::sim::{
+    Faults, SIM_METRICS, SimConfig, SimError, SimReport, Simulator, TrafficFaults,
+};
 
 const START_MS: i64 = 1_700_000_000_000;
 const LATE_BY_MS: i64 = 3_600_000;
@@ -180,6 +182,80 @@ async fn qos1_publishes_survive_dropped_connections() {
     let malformed = received.iter().filter(|r| r.pack.is_none()).count() as u64;
     assert!(malformed >= report.malformed_messages, "{report}");
     assert_eq!(distinct.len() as u64, report.messages_published, "{report}");
+}
+
+/// One run with traffic faults; returns the report and what the subscriber received.
+async fn traffic_run(traffic: TrafficFaults) -> (SimReport, Vec<common::Received>) {
+    let broker = broker();
+    let prefix = format!("edgewise-test/{}/sensors", unique("traffic"));
+    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
+    let cfg = SimConfig {
+        nodes: 10,
+        connections: 2,
+        traffic,
+        ..config(&broker, &prefix)
+    };
+    let report = Simulator::new(cfg)
+        .unwrap()
+        .run(tokio::time::sleep(Duration::from_millis(1_000)))
+        .await
+        .unwrap();
+    assert_eq!(report.messages_acked, report.messages_published);
+    let received = sub.collect(report.messages_published as usize).await;
+    // Exactly the published messages arrive, none of the dropped ones.
+    assert_eq!(received.len() as u64, report.messages_published, "{report}");
+    (report, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_and_reordering_reach_the_broker_exactly_as_counted() {
+    let (report, received) = traffic_run(TrafficFaults {
+        drop: 0.1,
+        out_of_order: 0.1,
+        ..TrafficFaults::default()
+    })
+    .await;
+    assert!(report.dropped_messages > 0, "{report}");
+    assert!(report.out_of_order_messages > 0, "{report}");
+    assert_eq!(report.dropped_readings, 2 * report.dropped_messages);
+    // Per node, base times go backwards exactly once per held-back message.
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    let mut backwards = 0;
+    for r in &received {
+        let (_, bt, _) = r.pack.as_ref().expect("no payload faults in this run");
+        if last
+            .insert(r.topic.as_str(), *bt)
+            .is_some_and(|prev| *bt < prev)
+        {
+            backwards += 1;
+        }
+    }
+    assert_eq!(backwards, report.out_of_order_messages, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_reach_the_broker_back_to_back_one_interval_apart() {
+    let (report, received) = traffic_run(TrafficFaults {
+        burst: 0.2,
+        burst_size: 4,
+        ..TrafficFaults::default()
+    })
+    .await;
+    assert!(report.burst_messages >= 4, "{report}");
+    assert_eq!(report.burst_messages % 4, 0, "whole bursts: {report}");
+    // A burst: four packs of one node in a row whose base times step by exactly one interval.
+    let mut runs = 0;
+    for w in received.windows(4) {
+        let same_node = w.iter().all(|r| r.topic == w[0].topic);
+        let times: Vec<i64> = w
+            .iter()
+            .map(|r| r.pack.as_ref().map_or(0, |p| p.1))
+            .collect();
+        if same_node && times.windows(2).all(|t| t[1] - t[0] == 100) {
+            runs += 1;
+        }
+    }
+    assert!(runs >= 1, "{report}");
 }
 
 #[tokio::test]

@@ -2,6 +2,8 @@
 //! every second and the final report.
 //!
 //! `edgewise-sim --broker 127.0.0.1:1883 --nodes 50 --interval-ms 1000 --seconds 10 --qos 1 --malformed 0.01`
+//! Faults: `--out-of-range --malformed --late --late-by-ms` (payloads), `--burst --burst-size
+//! --drop --out-of-order` (traffic).
 //! Without `--seconds` it runs until Ctrl-C. Exits non-zero if the broker is unreachable or did
 //! not acknowledge every QoS 1 publish.
 
@@ -9,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use edgewise_firmware::sim::{Faults, SimConfig, Simulator, unique_client_id_prefix};
+use edgewise_firmware::sim::{
+    Faults, SimConfig, Simulator, TrafficFaults, unique_client_id_prefix,
+};
 use tokio::time::{Instant, MissedTickBehavior};
 
 #[derive(Debug, Parser)]
@@ -58,6 +62,17 @@ struct Args {
     late: f64,
     #[arg(long, default_value_t = 60_000)]
     late_by_ms: i64,
+    /// Fraction of node intervals that send a burst of --burst-size packs at once.
+    #[arg(long, default_value_t = 0.0)]
+    burst: f64,
+    #[arg(long, default_value_t = 5)]
+    burst_size: u32,
+    /// Fraction of messages lost on the way (never published; counted).
+    #[arg(long, default_value_t = 0.0)]
+    drop: f64,
+    /// Fraction of messages held back and sent after the node's next one.
+    #[arg(long, default_value_t = 0.0)]
+    out_of_order: f64,
     /// Event-time origin, ms since the Unix epoch (default: now).
     #[arg(long)]
     start_time_ms: Option<i64>,
@@ -100,6 +115,12 @@ async fn main() -> anyhow::Result<()> {
             malformed: args.malformed,
             late: args.late,
             late_by_ms: args.late_by_ms,
+        },
+        traffic: TrafficFaults {
+            burst: args.burst,
+            burst_size: args.burst_size,
+            drop: args.drop,
+            out_of_order: args.out_of_order,
         },
         start_time_ms: args.start_time_ms,
         ..SimConfig::default()

@@ -2,8 +2,11 @@
 //! and the [`Faults`] it injects, with the validation [`crate::sim::Simulator::new`] applies.
 //!
 //! Invariants after [`SimConfig::validate`]: 1..=10 000 nodes, `1..=nodes` connections, QoS 0
-//! or 1, fault fractions finite and in `[0, 1]`, and every node id / topic it derives is a valid
-//! [`NodeId`] / MQTT topic without wildcards. Tested below.
+//! or 1, fault fractions finite and in `[0, 1]`, burst sizes in `2..=MAX_BURST`, and every node
+//! id / topic it derives is a valid [`NodeId`] / MQTT topic without wildcards. Tested below.
+//!
+//! Faults come in two groups: [`Faults`] change what a message holds (values, payload, event
+//! time); [`TrafficFaults`] change which messages are sent and when (bursts, drops, reordering).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -35,6 +38,7 @@ pub struct SimConfig {
     /// Seeds every waveform and fault draw: same seed, same values in the same order.
     pub seed: u64,
     pub faults: Faults,
+    pub traffic: TrafficFaults,
     /// Event-time origin in ms since the Unix epoch; `None` = the wall clock at `run`. Event time
     /// is this origin plus tokio's elapsed time, so a paused tokio clock gives exact times.
     pub start_time_ms: Option<i64>,
@@ -58,6 +62,7 @@ impl Default for SimConfig {
             node_id_prefix: "node".into(),
             seed: 0,
             faults: Faults::default(),
+            traffic: TrafficFaults::default(),
             start_time_ms: None,
             connect_timeout_ms: 10_000,
             drain_timeout_ms: 30_000,
@@ -92,6 +97,34 @@ pub struct Faults {
     pub late_by_ms: i64,
 }
 
+/// Most messages in one burst.
+pub const MAX_BURST: u32 = 100;
+
+/// Faults in the traffic itself, each a fraction in `[0, 1]` drawn per node and interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrafficFaults {
+    /// A node sends `burst_size` messages back to back instead of one, as a node flushing its
+    /// offline backlog does: base times `interval` apart, ending at now.
+    pub burst: f64,
+    pub burst_size: u32,
+    /// The message is lost on the way (never published); counted, so a gap is expected.
+    pub drop: f64,
+    /// The message is held back and published right after the node's next one, so the broker
+    /// sees that node's event times out of order.
+    pub out_of_order: f64,
+}
+
+impl Default for TrafficFaults {
+    fn default() -> Self {
+        Self {
+            burst: 0.0,
+            burst_size: 5,
+            drop: 0.0,
+            out_of_order: 0.0,
+        }
+    }
+}
+
 /// Why a [`SimConfig`] was rejected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
@@ -116,8 +149,10 @@ pub enum ConfigError {
         prefix: String,
         reason: InvalidNodeId,
     },
-    #[error("faults.{field} is {value}, expected a fraction in [0, 1]")]
+    #[error("{field} is {value}, expected a fraction in [0, 1]")]
     Fraction { field: &'static str, value: f64 },
+    #[error("traffic.burst_size is {0}, expected 2..={MAX_BURST} when traffic.burst > 0")]
+    BurstSize(u32),
     #[error("faults.late_by_ms is {0}, expected > 0 when faults.late > 0")]
     LateBy(i64),
     #[error("{field} is 0")]
@@ -160,9 +195,9 @@ impl SimConfig {
         }
         let f = &self.faults;
         for (field, value) in [
-            ("out_of_range", f.out_of_range),
-            ("malformed", f.malformed),
-            ("late", f.late),
+            ("faults.out_of_range", f.out_of_range),
+            ("faults.malformed", f.malformed),
+            ("faults.late", f.late),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(ConfigError::Fraction { field, value });
@@ -170,6 +205,19 @@ impl SimConfig {
         }
         if f.late > 0.0 && f.late_by_ms <= 0 {
             return Err(ConfigError::LateBy(f.late_by_ms));
+        }
+        let t = &self.traffic;
+        for (field, value) in [
+            ("traffic.burst", t.burst),
+            ("traffic.drop", t.drop),
+            ("traffic.out_of_order", t.out_of_order),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(ConfigError::Fraction { field, value });
+            }
+        }
+        if t.burst > 0.0 && !(2..=MAX_BURST).contains(&t.burst_size) {
+            return Err(ConfigError::BurstSize(t.burst_size));
         }
         if self.connect_timeout_ms == 0 {
             return Err(ConfigError::ZeroTimeout {
@@ -245,18 +293,32 @@ mod tests {
         assert_eq!(
             bad(|c| c.faults.malformed = 1.5),
             ConfigError::Fraction {
-                field: "malformed",
+                field: "faults.malformed",
                 value: 1.5
             }
         );
         assert!(matches!(
             bad(|c| c.faults.out_of_range = f64::NAN),
             ConfigError::Fraction {
-                field: "out_of_range",
+                field: "faults.out_of_range",
                 ..
             }
         ));
         assert_eq!(bad(|c| c.faults.late = 0.5), ConfigError::LateBy(0));
+        assert_eq!(
+            bad(|c| c.traffic.drop = 2.0),
+            ConfigError::Fraction {
+                field: "traffic.drop",
+                value: 2.0
+            }
+        );
+        assert_eq!(
+            bad(|c| {
+                c.traffic.burst = 0.1;
+                c.traffic.burst_size = 1;
+            }),
+            ConfigError::BurstSize(1)
+        );
         let err = bad(|c| c.faults.late = -0.1);
         assert_eq!(
             err.to_string(),

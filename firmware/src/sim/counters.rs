@@ -24,6 +24,10 @@ pub struct SimCounters {
     messages_acked: AtomicU64,
     messages_written: AtomicU64,
     connection_errors: AtomicU64,
+    dropped_messages: AtomicU64,
+    dropped_readings: AtomicU64,
+    burst_messages: AtomicU64,
+    out_of_order_messages: AtomicU64,
 }
 
 /// Counter values at one moment (the final ones when returned by `Simulator::run`).
@@ -45,6 +49,13 @@ pub struct SimReport {
     pub messages_acked: u64,
     /// Failed connection attempts and dropped connections (each one was retried).
     pub connection_errors: u64,
+    /// Messages the traffic faults dropped (never published), and the readings they held.
+    pub dropped_messages: u64,
+    pub dropped_readings: u64,
+    /// Published messages that were part of a burst.
+    pub burst_messages: u64,
+    /// Published messages that were held back and sent after a newer one of their node.
+    pub out_of_order_messages: u64,
 }
 
 impl SimCounters {
@@ -58,6 +69,10 @@ impl SimCounters {
             payload_bytes: self.payload_bytes.load(Relaxed),
             messages_acked: self.messages_acked.load(Relaxed),
             connection_errors: self.connection_errors.load(Relaxed),
+            dropped_messages: self.dropped_messages.load(Relaxed),
+            dropped_readings: self.dropped_readings.load(Relaxed),
+            burst_messages: self.burst_messages.load(Relaxed),
+            out_of_order_messages: self.out_of_order_messages.load(Relaxed),
         }
     }
 
@@ -70,6 +85,15 @@ impl SimCounters {
             .fetch_add(t.out_of_range_readings, Relaxed);
         self.late_readings.fetch_add(t.late_readings, Relaxed);
         self.payload_bytes.fetch_add(t.payload_bytes, Relaxed);
+        self.burst_messages.fetch_add(u64::from(t.burst), Relaxed);
+        self.out_of_order_messages
+            .fetch_add(u64::from(t.out_of_order), Relaxed);
+    }
+
+    /// A message the traffic faults dropped: not published.
+    pub(crate) fn dropped(&self, t: &Tally) {
+        self.dropped_messages.fetch_add(1, Relaxed);
+        self.dropped_readings.fetch_add(t.readings, Relaxed);
     }
 
     pub(crate) fn acked(&self) {
@@ -94,14 +118,19 @@ impl fmt::Display for SimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "messages {} (acked {}, malformed {}), readings {} (out of range {}, late {}), \
-             {} payload bytes, {} connection errors",
+            "messages {} (acked {}, malformed {}, burst {}, out of order {}), readings {} \
+             (out of range {}, late {}), dropped {} messages ({} readings), {} payload bytes, \
+             {} connection errors",
             self.messages_published,
             self.messages_acked,
             self.malformed_messages,
+            self.burst_messages,
+            self.out_of_order_messages,
             self.readings_published,
             self.out_of_range_readings,
             self.late_readings,
+            self.dropped_messages,
+            self.dropped_readings,
             self.payload_bytes,
             self.connection_errors
         )

@@ -1,6 +1,8 @@
 //! The simulated fleet without I/O: a [`VirtualNode`] wraps the no_std [`Node`] core, decides
 //! each message's faults with its own [`SplitMix64`], and reports exactly what the message holds
-//! in a [`Tally`].
+//! in a [`Tally`]. [`VirtualNode::next_messages`] adds the traffic faults: a burst of several
+//! messages, a dropped message (returned, marked, never to be published), or a message held
+//! back and released after the node's next one (out of order).
 //!
 //! Every node has the two [`SIM_METRICS`]. Invariants: a malformed payload is never valid SenML
 //! (random bytes start with `0xff`, a CBOR break code that cannot open an item and is not UTF-8;
@@ -10,7 +12,7 @@
 
 use crate::node::{Metric, Node, NodeId};
 use crate::prng::{SplitMix64, mix};
-use crate::sim::config::SimConfig;
+use crate::sim::config::{SimConfig, TrafficFaults};
 use crate::source::{Waveform, WaveformConfig};
 use edgewise_protocol::senml::BufferTooSmall;
 
@@ -60,6 +62,12 @@ pub struct Tally {
     pub out_of_range_readings: u64,
     pub late_readings: u64,
     pub payload_bytes: u64,
+    /// Lost on the way: must not be published.
+    pub dropped: bool,
+    /// One of several messages a node sent back to back.
+    pub burst: bool,
+    /// Held back and sent after a newer message of the same node.
+    pub out_of_order: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +85,12 @@ pub struct VirtualNode {
     offset_ms: u64,
     faults: crate::sim::Faults,
     rng: SplitMix64,
+    traffic: TrafficFaults,
+    /// Draws for the traffic faults, apart from `rng` so a seed gives the same payloads with or
+    /// without traffic faults.
+    traffic_rng: SplitMix64,
+    interval_ms: u64,
+    held: Option<Message>,
 }
 
 impl VirtualNode {
@@ -101,6 +115,10 @@ impl VirtualNode {
             offset_ms,
             faults: cfg.faults,
             rng: SplitMix64::new(mix(node_seed ^ 0xFA17_FA17_FA17_FA17)),
+            traffic: cfg.traffic,
+            traffic_rng: SplitMix64::new(mix(node_seed ^ 0x7AFF_1C00_7AFF_1C00)),
+            interval_ms: cfg.interval_ms,
+            held: None,
         })
     }
 
@@ -124,7 +142,45 @@ impl VirtualNode {
         }
     }
 
-    /// The next message at event time `now_ms`, with its faults drawn.
+    /// This interval's messages at event time `now_ms`, in publish order, with the traffic
+    /// faults drawn: usually one; a burst of `burst_size` (base times one interval apart, the
+    /// last at `now_ms`); dropped ones are included, marked [`Tally::dropped`]; a held-back one
+    /// comes after the next message that is sent.
+    pub fn next_messages(
+        &mut self,
+        now_ms: i64,
+        out: &mut Vec<Message>,
+    ) -> Result<(), BufferTooSmall> {
+        let t = self.traffic;
+        let count = if self.traffic_rng.chance(t.burst) {
+            t.burst_size.max(1)
+        } else {
+            1
+        };
+        let interval_ms = i64::try_from(self.interval_ms).unwrap_or(i64::MAX);
+        for k in 0..count {
+            let back = i64::from(count - 1 - k).saturating_mul(interval_ms);
+            let mut m = self.next_message(now_ms.saturating_sub(back))?;
+            m.tally.burst = count > 1;
+            if self.traffic_rng.chance(t.drop) {
+                m.tally.dropped = true;
+                out.push(m);
+                continue;
+            }
+            if self.held.is_none() && self.traffic_rng.chance(t.out_of_order) {
+                m.tally.out_of_order = true;
+                self.held = Some(m);
+                continue;
+            }
+            out.push(m);
+            if let Some(held) = self.held.take() {
+                out.push(held);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next message at event time `now_ms`, with its payload faults drawn.
     pub fn next_message(&mut self, now_ms: i64) -> Result<Message, BufferTooSmall> {
         let mut buf = [0u8; PACK_BUFFER_BYTES];
         let f = self.faults;
@@ -187,6 +243,7 @@ impl VirtualNode {
             out_of_range_readings: out_of_range,
             late_readings: if late { METRICS as u64 } else { 0 },
             payload_bytes: n as u64,
+            ..Tally::default()
         };
         Ok(Message {
             payload,
@@ -314,6 +371,88 @@ mod tests {
             (300..500).contains(&late),
             "late {late} of 2000 readings at 0.2"
         );
+    }
+
+    fn traffic_cfg(traffic: TrafficFaults) -> SimConfig {
+        SimConfig {
+            traffic,
+            ..cfg(Faults::default())
+        }
+    }
+
+    #[test]
+    fn bursts_send_several_packs_one_interval_apart_ending_now() {
+        let cfg = traffic_cfg(TrafficFaults {
+            burst: 1.0,
+            burst_size: 3,
+            ..TrafficFaults::default()
+        });
+        let mut n = VirtualNode::new(0, &cfg).unwrap();
+        let mut out = Vec::new();
+        n.next_messages(10_000_000, &mut out).unwrap();
+        let times: Vec<i64> = out.iter().map(|m| decode(&m.payload).unwrap().0).collect();
+        assert_eq!(times, [9_998_000, 9_999_000, 10_000_000]);
+        assert!(out.iter().all(|m| m.tally.burst && !m.tally.dropped));
+    }
+
+    #[test]
+    fn drops_are_marked_and_counted_and_reordering_swaps_with_the_next_message() {
+        let cfg = traffic_cfg(TrafficFaults {
+            drop: 0.25,
+            ..TrafficFaults::default()
+        });
+        let mut n = VirtualNode::new(1, &cfg).unwrap();
+        let mut out = Vec::new();
+        for i in 0..2_000 {
+            n.next_messages(i * 1_000, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 2_000);
+        let dropped = out.iter().filter(|m| m.tally.dropped).count();
+        assert!((400..600).contains(&dropped), "{dropped} of 2000 at 0.25");
+
+        let cfg = traffic_cfg(TrafficFaults {
+            out_of_order: 0.3,
+            ..TrafficFaults::default()
+        });
+        let mut n = VirtualNode::new(2, &cfg).unwrap();
+        let mut out = Vec::new();
+        for i in 0..1_000 {
+            n.next_messages(i * 1_000, &mut out).unwrap();
+        }
+        let times: Vec<i64> = out.iter().map(|m| decode(&m.payload).unwrap().0).collect();
+        let inversions = times.windows(2).filter(|w| w[1] < w[0]).count();
+        let held = out.iter().filter(|m| m.tally.out_of_order).count();
+        // Every held message arrives right after a newer one: one inversion each.
+        assert_eq!(inversions, held);
+        assert!((150..350).contains(&held), "{held}");
+        for (w, m) in times.windows(2).zip(&out[1..]) {
+            if w[1] < w[0] {
+                assert!(m.tally.out_of_order);
+                assert_eq!(w[0] - w[1], 1_000, "held for exactly one interval");
+            }
+        }
+        // Nothing is lost: every interval's message is there once (the last may still be held).
+        let mut sorted = times.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert!(sorted.len() >= 999 && sorted.len() == times.len());
+    }
+
+    #[test]
+    fn traffic_faults_leave_the_payload_sequence_of_a_seed_unchanged() {
+        let plain = cfg(Faults::default());
+        let bursty = traffic_cfg(TrafficFaults {
+            drop: 0.5,
+            ..TrafficFaults::default()
+        });
+        let mut a = VirtualNode::new(3, &plain).unwrap();
+        let mut b = VirtualNode::new(3, &bursty).unwrap();
+        let mut out = Vec::new();
+        for i in 0..50 {
+            out.clear();
+            b.next_messages(i * 1_000, &mut out).unwrap();
+            assert_eq!(out[0].payload, a.next_message(i * 1_000).unwrap().payload);
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The host simulator: many virtual sensor nodes publishing SenML-CBOR to a real MQTT broker,
 //! with injected faults and exact counts of what was sent.
 //!
-//! - [`config`]: [`SimConfig`] and [`Faults`], validated by [`Simulator::new`].
+//! - [`config`]: [`SimConfig`], [`Faults`] and [`TrafficFaults`], validated by [`Simulator::new`].
 //! - [`fleet`]: [`VirtualNode`], the no_std [`crate::Node`] plus fault injection (pure, no I/O).
 //! - [`counters`]: live [`SimCounters`] and the final [`SimReport`].
 //! - [`runner`]: [`Simulator::run`], the tokio + rumqttc part.
@@ -27,7 +27,9 @@ pub mod counters;
 pub mod fleet;
 pub mod runner;
 
-pub use config::{ConfigError, Faults, MAX_NODES, SimConfig, unique_client_id_prefix};
+pub use config::{
+    ConfigError, Faults, MAX_BURST, MAX_NODES, SimConfig, TrafficFaults, unique_client_id_prefix,
+};
 pub use counters::{SimCounters, SimReport};
 pub use fleet::{MalformedKind, Message, SIM_METRICS, SimMetric, Tally, VirtualNode};
 pub use runner::{SimError, Simulator};

@@ -284,6 +284,7 @@ impl Publisher {
     /// behind publishes back to back until it has caught up; none of its rounds is skipped.
     async fn run(mut self, mut nodes: Vec<VirtualNode>) -> Result<(), SimError> {
         let mut round_start = self.start;
+        let mut batch = Vec::new();
         loop {
             for node in &mut nodes {
                 if *self.halt.borrow() {
@@ -299,14 +300,22 @@ impl Publisher {
                 let elapsed_ms =
                     i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX);
                 let now_ms = self.origin_ms.saturating_add(elapsed_ms);
-                let message = node.next_message(now_ms).map_err(SimError::Encode)?;
-                // Not cancelled on halt: a publish is either fully handed over and counted, or
-                // not made at all.
-                self.client
-                    .publish(node.topic(), self.qos, false, message.payload)
-                    .await
-                    .map_err(|_| SimError::ConnectionClosed(self.index))?;
-                self.counters.published(&message.tally);
+                batch.clear();
+                node.next_messages(now_ms, &mut batch)
+                    .map_err(SimError::Encode)?;
+                for message in batch.drain(..) {
+                    if message.tally.dropped {
+                        self.counters.dropped(&message.tally);
+                        continue;
+                    }
+                    // Not cancelled on halt: a publish is either fully handed over and counted,
+                    // or not made at all.
+                    self.client
+                        .publish(node.topic(), self.qos, false, message.payload)
+                        .await
+                        .map_err(|_| SimError::ConnectionClosed(self.index))?;
+                    self.counters.published(&message.tally);
+                }
             }
             round_start += self.interval;
         }

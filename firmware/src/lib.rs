@@ -18,6 +18,7 @@
 //!   board's [`uplink::Link`].
 //! - [`selftest`]: the whole pipeline checked byte for byte; the Cortex-M4F binary in
 //!   `boards/mps2-an386` runs it under QEMU.
+//! - [`sntp`]: the SNTP request and reply parse a board uses to get Unix time from its gateway.
 //! - [`block_on`]: a spin executor for always-ready I/O (tests, self-test).
 //!
 //! The simulator's building blocks, and the simulator itself:
@@ -50,6 +51,7 @@ pub mod prng;
 pub mod queue;
 pub mod sampler;
 pub mod selftest;
+pub mod sntp;
 pub mod source;
 pub mod uplink;
 

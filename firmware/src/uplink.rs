@@ -196,8 +196,15 @@ impl<'a, L: Link, const SLOTS: usize, const BYTES: usize> Uplink<'a, L, SLOTS, B
     /// One round at `now_ms`: (re)connect if due, publish everything queued, keep alive.
     pub async fn service(&mut self, now_ms: i64) -> LinkState {
         if self.in_io {
-            // The previous round was cancelled mid-I/O.
-            self.lose_connection(now_ms, None);
+            // The previous round was cancelled mid-I/O: the stream may hold half a packet.
+            self.in_io = false;
+            if self.connected {
+                self.lose_connection(now_ms, None);
+            } else {
+                self.counters.connect_failures += 1;
+                self.retry_at_ms = now_ms + i64::from(self.backoff.next_delay_ms());
+            }
+            return LinkState::RetryAt(self.retry_at_ms);
         }
         if !self.connected {
             if now_ms < self.retry_at_ms {
@@ -320,6 +327,8 @@ mod tests {
         pending: VecDeque<u8>,
         inbuf: Vec<u8>,
         publishes_left: Option<u32>,
+        /// Reads never complete (a broker that went silent).
+        stall: bool,
     }
 
     impl ErrorType for FakeLink {
@@ -348,6 +357,9 @@ mod tests {
 
     impl Read for FakeLink {
         async fn read(&mut self, buf: &mut [u8]) -> Result<usize, ErrorKind> {
+            if self.stall {
+                core::future::pending::<()>().await;
+            }
             if !self.open || self.pending.is_empty() {
                 return Err(ErrorKind::ConnectionReset);
             }
@@ -501,6 +513,50 @@ mod tests {
         assert_eq!(
             payloads(&up.link_mut().log),
             [(false, 2), (false, 3), (false, 4)]
+        );
+    }
+
+    /// Poll `service` once (it stalls on the silent broker), then drop it, as a runtime
+    /// timeout would.
+    fn cancel_one_round(up: &mut Uplink<'_, FakeLink, 4, 16>, now_ms: i64) {
+        use core::future::Future;
+        use core::task::{Context, Poll, Waker};
+        let mut round = core::pin::pin!(up.service(now_ms));
+        let polled = round.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        assert!(matches!(polled, Poll::Pending));
+    }
+
+    #[test]
+    fn a_round_cancelled_mid_io_drops_that_connection_and_keeps_the_message() {
+        let mut up = Uplink::<_, 4, 16>::new(config(), FakeLink::default());
+        up.enqueue(&[7]).unwrap();
+        // Cancelled while waiting for the CONNACK: a failed attempt, with backoff.
+        up.link_mut().stall = true;
+        cancel_one_round(&mut up, 0);
+        up.link_mut().stall = false;
+        let LinkState::RetryAt(t) = block_on(up.service(1)) else {
+            panic!("a cancelled connect is a failed attempt")
+        };
+        assert_eq!(up.counters().connect_failures, 1);
+        assert_eq!(up.link_mut().opens, 1);
+        assert_eq!(block_on(up.service(t)), LinkState::Idle);
+        assert_eq!(payloads(&up.link_mut().log), [(false, 7)]);
+
+        // Connected; cancelled while waiting for the PUBACK: the connection is dropped and the
+        // message is sent again, with DUP, on the next one.
+        up.enqueue(&[8]).unwrap();
+        up.link_mut().stall = true;
+        cancel_one_round(&mut up, t + 1);
+        up.link_mut().stall = false;
+        let LinkState::RetryAt(t2) = block_on(up.service(t + 2)) else {
+            panic!("the cancelled connection is dropped")
+        };
+        assert_eq!(up.counters().connection_losses, 1);
+        assert_eq!(up.queued(), 1);
+        assert_eq!(block_on(up.service(t2)), LinkState::Idle);
+        assert_eq!(
+            payloads(&up.link_mut().log),
+            [(false, 7), (false, 8), (true, 8)]
         );
     }
 

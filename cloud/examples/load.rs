@@ -156,7 +156,9 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
-        let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()?;
         let url = urls[w % urls.len()].clone();
         let mine: Vec<(String, String)> = (w..args.devices)
             .step_by(args.concurrency)

@@ -214,7 +214,16 @@ impl PgStore {
                 .await
             {
                 Ok(()) => break,
-                Err(e) if attempt < 3 && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                Err(e)
+                    if attempt < 3
+                        && [
+                            SqlState::UNIQUE_VIOLATION,
+                            SqlState::DUPLICATE_OBJECT,
+                            SqlState::DUPLICATE_TABLE,
+                        ]
+                        .iter()
+                        .any(|c| e.code() == Some(c)) =>
+                {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => return Err(e.into()),

@@ -9,7 +9,8 @@
 //! - [`window`]: tumbling event-time windows with watermarks -> [`edgewise_protocol::WindowSummary`].
 //!
 //! Edges (I/O):
-//! - [`store`]: the SQLite journal, outbox, stream state and dead letters.
+//! - [`store`]: the SQLite journal, outbox (byte-capped, evicting by value into gap records),
+//!   stream state and dead letters; integrity check and recovery on open.
 //! - [`pipeline`]: one batch of messages -> one journal transaction; closed windows -> outbox.
 //! - [`ingest`]: the MQTT connection and the group-commit loop that acks after the commit.
 //! - [`sync`]: the outbox -> `POST /v1/ingest`, deleted only after the receiver's ack.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod decode;
 pub mod filter;
 pub mod http;
+pub mod infer;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;

@@ -1,0 +1,395 @@
+//! [`Scorer`]: one ONNX model, loaded with tract and validated against the configured inputs.
+//!
+//! Loading reads the file once, hashes exactly those bytes (the model version), checks the
+//! model's declared input (one input, the configured name if any, `[batch, features]` of f32)
+//! and output (`[batch, K]` with the score column inside), replaces the batch dimension by a
+//! symbol, optimizes, and runs a validation batch whose outputs must be finite. Only then is the
+//! scorer returned, so a `Scorer` that exists has passed validation.
+//!
+//! Scoring reuses one tract state and one input buffer across calls (no re-planning per batch).
+
+use std::path::{Path, PathBuf};
+
+use edgewise_protocol::{Score, WindowSummary};
+use sha2::{Digest, Sha256};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use super::InferenceError;
+use super::config::{FeatureInput, InferenceConfig, ScoreFrom};
+use super::features;
+use crate::filter::RulePattern;
+
+type Plan = TypedSimplePlan;
+type PlanState = TypedSimpleState;
+
+/// A loaded, validated model with its feature mapping and threshold.
+pub struct Scorer {
+    path: PathBuf,
+    model_id: String,
+    inputs: Vec<FeatureInput>,
+    streams: Vec<RulePattern>,
+    score_from: ScoreFrom,
+    threshold: f64,
+    batch_size: usize,
+    output_width: usize,
+    state: PlanState,
+    // Scratch reused across calls: the input rows and which summary each row belongs to.
+    rows: Vec<f32>,
+    row_owner: Vec<usize>,
+}
+
+/// What one [`Scorer::score`] call did. Counts are summaries.
+#[derive(Debug, Default)]
+pub struct ScoreReport {
+    /// Scored (`score` is now `Some`).
+    pub scored: usize,
+    /// Scored at or over the threshold.
+    pub alerts: usize,
+    /// Their stream matches none of the configured patterns: left unscored.
+    pub not_matched: usize,
+    /// A feature was not finite: left unscored.
+    pub invalid_features: usize,
+    /// The model run failed or gave a non-finite value: left unscored.
+    pub failed: usize,
+    /// The first error behind `invalid_features` or `failed`, for the log.
+    pub first_error: Option<InferenceError>,
+}
+
+impl ScoreReport {
+    fn note(&mut self, e: InferenceError) {
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+    }
+}
+
+impl Scorer {
+    /// Reads, validates and prepares the model named by `cfg.model_path`.
+    pub fn load(cfg: &InferenceConfig) -> Result<Scorer, InferenceError> {
+        let bytes = std::fs::read(&cfg.model_path).map_err(|source| InferenceError::ReadModel {
+            path: cfg.model_path.clone(),
+            source,
+        })?;
+        Scorer::from_bytes(cfg, &bytes)
+    }
+
+    /// Like [`Scorer::load`], from bytes already read (`cfg.model_path` names them in errors).
+    pub fn from_bytes(cfg: &InferenceConfig, bytes: &[u8]) -> Result<Scorer, InferenceError> {
+        if let Some((key, msg)) = cfg.problems().into_iter().next() {
+            return Err(InferenceError::Config(format!("inference.{key}: {msg}")));
+        }
+        let path = cfg.model_path.as_path();
+        let version: String = Sha256::digest(bytes)[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let width = cfg.features.len();
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .map_err(|e| InferenceError::ParseModel {
+                path: path.to_path_buf(),
+                reason: format!("{e:#}"),
+            })?;
+
+        let inputs = model
+            .input_outlets()
+            .map_err(|e| InferenceError::tract(path, "reading inputs", e))?
+            .to_vec();
+        let [input] = inputs[..] else {
+            return Err(InferenceError::InputCount {
+                path: path.to_path_buf(),
+                found: inputs.len(),
+            });
+        };
+        let input_name = model.node(input.node).name.clone();
+        if let Some(expected) = cfg.input_name.as_ref().filter(|e| **e != input_name) {
+            return Err(InferenceError::InputName {
+                path: path.to_path_buf(),
+                found: input_name,
+                expected: expected.clone(),
+            });
+        }
+        check_declared_input(&model, path, &input_name, width)?;
+
+        let outputs = model
+            .output_outlets()
+            .map_err(|e| InferenceError::tract(path, "reading outputs", e))?
+            .to_vec();
+        let label = |o: OutletId| model.outlet_label(o).unwrap_or("").to_string();
+        let output = match &cfg.output_name {
+            None => outputs.first().copied(),
+            Some(want) => outputs.iter().copied().find(|&o| label(o) == *want),
+        };
+        let Some(output) = output else {
+            return Err(InferenceError::OutputName {
+                path: path.to_path_buf(),
+                found: outputs
+                    .iter()
+                    .map(|&o| label(o))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                expected: cfg.output_name.clone().unwrap_or_default(),
+            });
+        };
+        let output_name = label(output);
+        model
+            .select_output_outlets(&[output])
+            .map_err(|e| InferenceError::tract(path, "selecting the output", e))?;
+
+        let batch = model.sym("batch");
+        model
+            .set_input_fact(0, f32::fact([batch.to_dim(), width.to_dim()]).into())
+            .map_err(|e| InferenceError::tract(path, "setting the input shape", e))?;
+        let typed = model.into_typed().map_err(|e| {
+            InferenceError::tract(
+                path,
+                "the model does not accept [batch, features] of f32",
+                e,
+            )
+        })?;
+        let out_fact = typed
+            .output_fact(0)
+            .map_err(|e| InferenceError::tract(path, "reading the output shape", e))?
+            .clone();
+        let column = cfg.score.column();
+        let output_width = match out_fact.shape.dims() {
+            [b, k] if *b == batch.to_dim() => k.to_i64().ok().map(|k| k as usize),
+            _ => None,
+        };
+        let output_width = match output_width {
+            Some(k) if column < k && out_fact.datum_type == f32::datum_type() => k,
+            _ => {
+                return Err(InferenceError::OutputShape {
+                    path: path.to_path_buf(),
+                    name: output_name,
+                    found: format!("{:?}", out_fact),
+                    column,
+                });
+            }
+        };
+        let plan: Arc<Plan> = typed
+            .into_optimized()
+            .map_err(|e| InferenceError::tract(path, "optimizing", e))?
+            .into_runnable()
+            .map_err(|e| InferenceError::tract(path, "planning", e))?;
+        let state = plan
+            .spawn()
+            .map_err(|e| InferenceError::tract(path, "preparing the run state", e))?;
+        let streams = cfg
+            .streams
+            .iter()
+            .map(|s| RulePattern::parse(s).map_err(InferenceError::Config))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut scorer = Scorer {
+            path: path.to_path_buf(),
+            model_id: format!("{}@{version}", cfg.effective_model_name()),
+            inputs: cfg.features.clone(),
+            streams,
+            score_from: cfg.score,
+            threshold: cfg.threshold,
+            batch_size: cfg.batch_size,
+            output_width,
+            state,
+            rows: Vec::with_capacity(cfg.batch_size * width),
+            row_owner: Vec::with_capacity(cfg.batch_size),
+        };
+        scorer.validate_run()?;
+        Ok(scorer)
+    }
+
+    /// Runs a small batch of typical (normalised zero) and extreme rows: the model must answer
+    /// `[rows, K]` with finite values.
+    fn validate_run(&mut self) -> Result<(), InferenceError> {
+        let width = self.inputs.len();
+        let mut probe = vec![0.0f32; width];
+        probe.extend(std::iter::repeat_n(8.0f32, width));
+        probe.extend(std::iter::repeat_n(-8.0f32, width));
+        let out = self.run(&probe)?;
+        if let Some(&value) = out.iter().find(|v| !v.is_finite()) {
+            return Err(InferenceError::NonFiniteOutput {
+                path: self.path.clone(),
+                value,
+            });
+        }
+        Ok(())
+    }
+
+    /// `name@version`, as recorded in every score.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Features per input row.
+    pub fn input_width(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// Values per output row (`K` of `[batch, K]`).
+    pub fn output_width(&self) -> usize {
+        self.output_width
+    }
+
+    pub fn threshold(&self) -> f64 {
+        self.threshold
+    }
+
+    /// Whether this model scores `stream`.
+    pub fn applies_to(&self, stream: &str) -> bool {
+        self.streams.iter().any(|p| p.matches(stream))
+    }
+
+    /// Runs the model on whole rows of already-normalised features (`rows.len()` a multiple of
+    /// [`Scorer::input_width`]) and returns the `[rows, K]` output, row-major.
+    pub fn run(&mut self, rows: &[f32]) -> Result<Vec<f32>, InferenceError> {
+        let width = self.inputs.len();
+        if rows.is_empty() || rows.len() % width != 0 {
+            return Err(InferenceError::InputLength {
+                len: rows.len(),
+                width,
+            });
+        }
+        if let Some(i) = rows.iter().position(|v| !v.is_finite()) {
+            return Err(InferenceError::NonFiniteFeature {
+                stream: format!("input row {}", i / width),
+                feature: "input",
+                value: rows[i] as f64,
+            });
+        }
+        let mut out = Vec::with_capacity(rows.len() / width * self.output_width);
+        self.run_into(rows, &mut out)?;
+        Ok(out)
+    }
+
+    fn run_into(&mut self, rows: &[f32], out: &mut Vec<f32>) -> Result<(), InferenceError> {
+        let width = self.inputs.len();
+        let n = rows.len() / width;
+        let input = Tensor::from_shape(&[n, width], rows)
+            .map_err(|e| InferenceError::tract(&self.path, "building the input", e))?;
+        let result = self
+            .state
+            .run(tvec!(input.into_tvalue()))
+            .map_err(|e| InferenceError::tract(&self.path, "running", e))?;
+        let view = result
+            .first()
+            .ok_or_else(|| InferenceError::tract(&self.path, "running", "no output"))?
+            .to_plain_array_view::<f32>()
+            .map_err(|e| InferenceError::tract(&self.path, "reading the output", e))?;
+        if view.shape() != [n, self.output_width] {
+            return Err(InferenceError::tract(
+                &self.path,
+                "running",
+                format!(
+                    "output shape {:?}, expected [{n}, {}]",
+                    view.shape(),
+                    self.output_width
+                ),
+            ));
+        }
+        out.extend(view.iter().copied());
+        Ok(())
+    }
+
+    /// Scores every summary this model applies to, in batches of at most `batch_size`, setting
+    /// `score`. Summaries it cannot score keep `score: None`; the report says how many and why.
+    pub fn score(&mut self, summaries: &mut [WindowSummary]) -> ScoreReport {
+        let mut report = ScoreReport::default();
+        self.rows.clear();
+        self.row_owner.clear();
+        for i in 0..summaries.len() {
+            if !self.applies_to(&summaries[i].stream) {
+                report.not_matched += 1;
+                continue;
+            }
+            match features::push_row(&self.inputs, &summaries[i], &mut self.rows) {
+                Ok(()) => self.row_owner.push(i),
+                Err(e) => {
+                    report.invalid_features += 1;
+                    report.note(e);
+                }
+            }
+            if self.row_owner.len() == self.batch_size {
+                self.flush(summaries, &mut report);
+            }
+        }
+        if !self.row_owner.is_empty() {
+            self.flush(summaries, &mut report);
+        }
+        report
+    }
+
+    fn flush(&mut self, summaries: &mut [WindowSummary], report: &mut ScoreReport) {
+        let rows = std::mem::take(&mut self.rows);
+        let mut out = Vec::with_capacity(self.row_owner.len() * self.output_width);
+        match self.run_into(&rows, &mut out) {
+            Ok(()) => {
+                let column = self.score_from.column();
+                for (r, &owner) in self.row_owner.iter().enumerate() {
+                    let value = self.score_from.apply(out[r * self.output_width + column]);
+                    if !value.is_finite() {
+                        report.failed += 1;
+                        report.note(InferenceError::NonFiniteOutput {
+                            path: self.path.clone(),
+                            value,
+                        });
+                        continue;
+                    }
+                    let value = value as f64;
+                    let alert = value >= self.threshold;
+                    summaries[owner].score = Some(Score {
+                        value,
+                        alert,
+                        model: self.model_id.clone(),
+                    });
+                    report.scored += 1;
+                    report.alerts += alert as usize;
+                }
+            }
+            Err(e) => {
+                report.failed += self.row_owner.len();
+                report.note(e);
+            }
+        }
+        self.rows = rows;
+        self.rows.clear();
+        self.row_owner.clear();
+    }
+}
+
+/// Checks what the ONNX file declares about its input before the agent overrides the batch
+/// dimension: rank 2, `width` features, f32. Unknown (undeclared) parts pass; tract's typing then
+/// checks them against the weights.
+fn check_declared_input(
+    model: &InferenceModel,
+    path: &Path,
+    name: &str,
+    width: usize,
+) -> Result<(), InferenceError> {
+    let fact = model
+        .input_fact(0)
+        .map_err(|e| InferenceError::tract(path, "reading the input", e))?;
+    let rank_ok = fact.shape.rank().concretize().is_none_or(|r| r == 2);
+    let width_ok = fact
+        .shape
+        .dim(1)
+        .and_then(|d| d.concretize())
+        .is_none_or(|d| d.to_i64().ok() == Some(width as i64));
+    let type_ok = fact
+        .datum_type
+        .concretize()
+        .is_none_or(|dt| dt == f32::datum_type());
+    if rank_ok && width_ok && type_ok {
+        Ok(())
+    } else {
+        Err(InferenceError::InputShape {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            found: fact.format_dt_shape(),
+            features: width,
+        })
+    }
+}

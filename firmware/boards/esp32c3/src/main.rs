@@ -1,5 +1,5 @@
 //! Edgewise sensor node for ESP32-C3 boards (ESP32-C3-DevKitM-1, Seeed XIAO ESP32C3, ...): a
-//! BME280 on I2C (SDA GPIO8, SCL GPIO9), Wi-Fi station with DHCP, Unix time from the gateway by
+//! BME280 on I2C (SDA GPIO4, SCL GPIO5), Wi-Fi station with DHCP, Unix time from the gateway by
 //! SNTP, and the `edgewise-firmware` core: one sample every `EDGEWISE_SAMPLE_INTERVAL_MS`, six
 //! samples per SenML-CBOR message, published with MQTT QoS 1 to `sensors/{node_id}` on the
 //! gateway's broker, with a 32-message offline queue.
@@ -261,7 +261,7 @@ async fn main(spawner: Spawner) -> ! {
         peripherals.I2C0,
         I2cConfig::default().with_frequency(Rate::from_khz(100)),
     ) {
-        Ok(i2c) => i2c.with_sda(peripherals.GPIO8).with_scl(peripherals.GPIO9),
+        Ok(i2c) => i2c.with_sda(peripherals.GPIO4).with_scl(peripherals.GPIO5),
         Err(_) => halt("the I2C configuration was refused"),
     };
     let mut delay = Delay::new();
@@ -269,7 +269,7 @@ async fn main(spawner: Spawner) -> ! {
     let sensor = match Bme280::new(i2c, ADDRESS_PRIMARY, Bme280Config::default(), &mut delay) {
         Ok(bme280) => Sensor { bme280, delay },
         Err(e) => {
-            error!("BME280 at 0x{ADDRESS_PRIMARY:02x} (SDA GPIO8, SCL GPIO9): {e}");
+            error!("BME280 at 0x{ADDRESS_PRIMARY:02x} (SDA GPIO4, SCL GPIO5): {e}");
             halt("no BME280")
         }
     };

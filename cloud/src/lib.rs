@@ -10,7 +10,9 @@
 //! - [`limit`]: per-device token-bucket rate limiting of ingest (429 with `Retry-After`).
 //! - [`metrics`]: per-receiver atomic counters ([`Metrics`]) rendered as Prometheus text.
 //! - [`api`]: the axum routes and handlers, request checks, and errors mapped to statuses.
-//! - [`server`]: [`Receiver`], a running server with graceful stop.
+//! - [`server`]: [`Receiver`], a running server (HTTP, or HTTPS with [`tls`]) with graceful stop.
+//! - [`tls`]: rustls configuration from PEM files and a listener that completes handshakes in
+//!   the background.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these: `serve`, `device add|list|revoke`.
 //!
@@ -23,6 +25,7 @@ pub mod limit;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use api::{ApiError, MAX_SUMMARIES_PER_BATCH, ServerConfig};
 pub use auth::DeviceToken;

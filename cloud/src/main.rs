@@ -8,7 +8,8 @@
 //! edgewise-cloud device revoke ID --db FILE
 //! ```
 //!
-//! `--pg-url` (or `EDGEWISE_CLOUD_PG_URL`) selects PostgreSQL instead of the SQLite file; every
+//! `--tls-cert FILE --tls-key FILE` serves HTTPS directly (rustls); without them, plain HTTP
+//! (put a TLS-terminating proxy in front). `--pg-url` (or `EDGEWISE_CLOUD_PG_URL`) selects PostgreSQL instead of the SQLite file; every
 //! command takes it.
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info`). `serve` stops gracefully on
@@ -67,6 +68,12 @@ enum Command {
         /// Requests a device may send at once above its rate.
         #[arg(long, env = "EDGEWISE_CLOUD_RATE_LIMIT_BURST", default_value_t = RateLimit::default().burst)]
         rate_limit_burst: u32,
+        /// PEM certificate chain: serve HTTPS (with --tls-key) instead of plain HTTP.
+        #[arg(long, env = "EDGEWISE_CLOUD_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, env = "EDGEWISE_CLOUD_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Manage devices and their tokens.
     Device {
@@ -113,6 +120,8 @@ async fn main() -> anyhow::Result<()> {
             max_body_bytes,
             rate_limit_per_second,
             rate_limit_burst,
+            tls_cert,
+            tls_key,
         } => {
             let cfg = ServerConfig {
                 max_body_bytes,
@@ -121,7 +130,14 @@ async fn main() -> anyhow::Result<()> {
                     burst: rate_limit_burst,
                 }),
             };
-            serve(listen, open(&db).await?, cfg).await
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    edgewise_cloud::tls::server_config(&cert, &key)
+                        .context("loading the TLS certificate and key")?,
+                ),
+                _ => None,
+            };
+            serve(listen, open(&db).await?, cfg, tls).await
         }
         Command::Device { command } => match command {
             DeviceCommand::Add { id, db } => {
@@ -193,12 +209,20 @@ async fn open(db: &DbArgs) -> anyhow::Result<AnyStore> {
     }
 }
 
-async fn serve(listen: SocketAddr, store: AnyStore, cfg: ServerConfig) -> anyhow::Result<()> {
+async fn serve(
+    listen: SocketAddr,
+    store: AnyStore,
+    cfg: ServerConfig,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     let backend = store.backend();
-    let receiver = Receiver::start(listen, store, cfg)
-        .await
-        .with_context(|| format!("listening on {listen}"))?;
-    tracing::info!(addr = %receiver.local_addr(), backend, "edgewise-cloud serving");
+    let https = tls.is_some();
+    let receiver = match tls {
+        Some(tls) => Receiver::start_tls(listen, store, cfg, tls).await,
+        None => Receiver::start(listen, store, cfg).await,
+    }
+    .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(addr = %receiver.local_addr(), backend, https, "edgewise-cloud serving");
     shutdown_signal()
         .await
         .context("waiting for a shutdown signal")?;

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use crate::api::{ServerConfig, router};
 use crate::metrics::Metrics;
 use crate::store::Storage;
+use crate::tls::TlsListener;
 
 /// How long [`Receiver::stop`] waits for in-flight requests before cutting them off.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -42,6 +43,25 @@ impl Receiver {
         cfg: ServerConfig,
     ) -> std::io::Result<Receiver> {
         let listener = TcpListener::bind(listen).await?;
+        Self::serve_on(listener, store, cfg)
+    }
+
+    /// Like [`Receiver::start`], serving HTTPS with `tls` (see [`crate::tls::server_config`]).
+    pub async fn start_tls<S: Storage>(
+        listen: SocketAddr,
+        store: S,
+        cfg: ServerConfig,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<Receiver> {
+        let tcp = TcpListener::bind(listen).await?;
+        Self::serve_on(TlsListener::new(tcp, tls)?, store, cfg)
+    }
+
+    fn serve_on<L, S>(listener: L, store: S, cfg: ServerConfig) -> std::io::Result<Receiver>
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+        S: Storage,
+    {
         let local_addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::default());
         let app = router(store, Arc::clone(&metrics), &cfg);

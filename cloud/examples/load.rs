@@ -31,6 +31,7 @@ struct Args {
     batch: usize,
     concurrency: usize,
     seconds: u64,
+    prebuilt: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -43,6 +44,7 @@ fn parse_args() -> anyhow::Result<Args> {
         batch: 500,
         concurrency: 16,
         seconds: 10,
+        prebuilt: 4,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +58,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--batch" => a.batch = value.parse()?,
             "--concurrency" => a.concurrency = value.parse()?,
             "--seconds" => a.seconds = value.parse()?,
+            "--prebuilt" => a.prebuilt = value.parse()?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -152,6 +155,18 @@ async fn main() -> anyhow::Result<()> {
         .map(|r| format!("http://{}/v1/ingest", r.local_addr()))
         .collect();
 
+    // Bodies are encoded before the clock starts (then on the fly if a device runs out), so the
+    // client's encoding does not compete with the receivers for the cores being measured.
+    let mut prebuilt: Vec<Vec<Vec<u8>>> = Vec::with_capacity(args.devices);
+    for d in 0..args.devices {
+        let device = format!("dev-{d:05}");
+        prebuilt.push(
+            (0..args.prebuilt)
+                .rev()
+                .map(|b| batch_for(&device, args.streams, (b * args.batch) as u64, args.batch))
+                .collect(),
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -164,18 +179,27 @@ async fn main() -> anyhow::Result<()> {
             .step_by(args.concurrency)
             .map(|d| (format!("dev-{d:05}"), tokens[d].clone()))
             .collect();
+        let mut ready: Vec<Vec<Vec<u8>>> = (w..args.devices)
+            .step_by(args.concurrency)
+            .map(|d| std::mem::take(&mut prebuilt[d]))
+            .collect();
         let (streams, n) = (args.streams, args.batch);
         workers.push(tokio::spawn(async move {
             let mut latencies_us: Vec<u32> = Vec::new();
-            let mut next_window = vec![0u64; mine.len()];
+            let mut next_window = vec![(ready.first().map_or(0, Vec::len) * n) as u64; mine.len()];
             let mut errors = 0u64;
             let mut i = 0;
             while Instant::now() < deadline {
                 let k = i % mine.len();
                 i += 1;
                 let (device, token) = &mine[k];
-                let body = batch_for(device, streams, next_window[k], n);
-                next_window[k] += n as u64;
+                let body = match ready[k].pop() {
+                    Some(body) => body,
+                    None => {
+                        next_window[k] += n as u64;
+                        batch_for(device, streams, next_window[k] - n as u64, n)
+                    }
+                };
                 let t = Instant::now();
                 let r = client
                     .post(&url)

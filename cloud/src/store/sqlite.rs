@@ -217,36 +217,31 @@ impl Store {
             ..IngestOutcome::default()
         };
         {
-            let mut stored_revision = tx.prepare_cached(
-                "SELECT revision FROM summaries
-                 WHERE device_id = ?1 AND stream = ?2 AND window_start_ms = ?3",
-            )?;
-            let mut write = tx.prepare_cached(
-                "INSERT OR REPLACE INTO summaries (
+            // New windows take one statement; only a conflict costs a second one.
+            let mut insert_new = tx.prepare_cached(
+                "INSERT INTO summaries (
                      device_id, stream, window_start_ms, window_end_ms, revision, count,
                      min, max, mean, stddev, first_value, first_time_ms, last_value, last_time_ms,
                      unit, summary_id, received_at_ms, score_value, score_alert, score_model)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                         ?17, ?18, ?19, ?20)",
+                         ?17, ?18, ?19, ?20)
+                 ON CONFLICT (device_id, stream, window_start_ms) DO NOTHING",
+            )?;
+            let mut revise = tx.prepare_cached(
+                "UPDATE summaries SET
+                     window_end_ms = ?4, revision = ?5, count = ?6, min = ?7, max = ?8,
+                     mean = ?9, stddev = ?10, first_value = ?11, first_time_ms = ?12,
+                     last_value = ?13, last_time_ms = ?14, unit = ?15, summary_id = ?16,
+                     received_at_ms = ?17, score_value = ?18, score_alert = ?19,
+                     score_model = ?20
+                 WHERE device_id = ?1 AND stream = ?2 AND window_start_ms = ?3
+                   AND revision < ?5",
             )?;
             for s in kept {
-                let current: Option<i64> = stored_revision
-                    .query_row(params![device_id, s.stream, s.window_start_ms], |row| {
-                        row.get(0)
-                    })
-                    .optional()?;
-                match current {
-                    Some(stored) if i64::from(s.revision) <= stored => {
-                        outcome.duplicates += 1;
-                        continue;
-                    }
-                    Some(_) => outcome.revised += 1,
-                    None => outcome.inserted += 1,
-                }
                 // Checked by check_batch: the count fits.
                 let count = i64::try_from(s.count).unwrap_or(i64::MAX);
                 let score = s.score.as_ref();
-                write.execute(params![
+                let row = params![
                     device_id,
                     s.stream,
                     s.window_start_ms,
@@ -267,7 +262,14 @@ impl Store {
                     score.map(|x| x.value),
                     score.map(|x| x.alert),
                     score.map(|x| x.model.as_str()),
-                ])?;
+                ];
+                if insert_new.execute(row)? == 1 {
+                    outcome.inserted += 1;
+                } else if revise.execute(row)? == 1 {
+                    outcome.revised += 1;
+                } else {
+                    outcome.duplicates += 1;
+                }
             }
             let mut write_gap = tx.prepare_cached(
                 "INSERT INTO gaps (device_id, seq, streams, from_ms, to_ms, count, reason,

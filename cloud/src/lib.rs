@@ -1,5 +1,7 @@
-//! The Edgewise ingestion receiver: authenticates devices, stores their window summaries exactly
-//! once in SQLite, and serves them back, with Prometheus metrics and a health check.
+//! The Edgewise ingestion receiver: authenticates devices, stores their window summaries (with
+//! anomaly scores) and gap records exactly once in SQLite or PostgreSQL, and serves them back
+//! through a query API, an OpenAPI document and a dashboard, with Prometheus metrics and a
+//! health check.
 //!
 //! # Layout
 //!
@@ -16,8 +18,10 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these: `serve`, `device add|list|revoke`.
 //!
-//! Unit tests live in each module; `tests/api.rs` drives a real receiver over HTTP on loopback
-//! with a fresh SQLite file per test.
+//! Unit tests live in each module. `tests/api.rs` drives a real receiver over HTTP on loopback on
+//! both backends (PostgreSQL when `EDGEWISE_TEST_PG_URL` is set); `tests/replicas.rs`,
+//! `tests/pg_restart.rs`, `tests/dashboard.rs` (headless Chromium) and `tests/tls.rs` cover
+//! replicas, database loss, the page and HTTPS. `examples/load.rs` is the load client.
 
 pub mod api;
 pub mod auth;

@@ -11,7 +11,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/edgewise-target}"
 step() { printf '\n=== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
 
 step "store unit tests (eviction, gaps, drain order, disk full, corrupt files)"
-cargo test -p edgewise-agent --lib store:: pipeline::
+cargo test -p edgewise-agent --lib -- store:: pipeline::
 
 step "store fault tests against the real agent, broker and receiver"
 cargo test -p edgewise-agent --test store_faults

@@ -51,6 +51,10 @@ async fn a_corrupt_database_is_moved_aside_and_the_agent_runs_on() {
     let stored = setup.cloud.stored();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].summary.count, 5);
+    let gaps = setup.cloud.gaps();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!(gaps[0].reason, "store_corrupt");
+    assert_eq!(gaps[0].device_id, DEVICE);
     agent.stop().await;
     receiver.stop().await;
 
@@ -119,6 +123,31 @@ async fn over_the_cap_plain_summaries_are_evicted_oldest_first_and_the_cloud_get
     let stored = setup.cloud.stored();
     assert_eq!(stored.len() as u64 + m.buffer_evictions.get(), total);
     assert_eq!(m.gaps_synced.get(), m.gaps_recorded.get());
+    // The receiver knows exactly what is missing: the gap counts add up to the evictions, and
+    // every window that did not arrive lies inside a gap of its stream.
+    let gaps = setup.cloud.gaps();
+    assert_eq!(gaps.len() as u64, m.gaps_recorded.get());
+    assert_eq!(
+        gaps.iter().map(|g| g.count).sum::<u64>(),
+        m.buffer_evictions.get()
+    );
+    assert!(gaps.iter().all(|g| g.reason == "buffer_full"));
+    for w in 0..windows {
+        for s in 0..streams {
+            let stream = format!("e{s}/temperature");
+            let start = T0 + w * 10_000;
+            let arrived = stored
+                .iter()
+                .any(|x| x.summary.stream == stream && x.summary.window_start_ms == start);
+            let covered = gaps.iter().any(|g| {
+                g.streams.contains(&stream) && g.from_ms <= start && start + 10_000 <= g.to_ms
+            });
+            assert!(
+                arrived || covered,
+                "{stream} @ {w} neither arrived nor in a gap"
+            );
+        }
+    }
     // Oldest first: every stored window is newer than (or as new as) every evicted one. The
     // outbox is filled in close order (stream, window), so compare within the close batches:
     // the newest window of every stream must have survived.

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edgewise_agent::config::{AgentConfig, parse_mqtt_url};
-use edgewise_cloud::{Receiver, ServerConfig, Store as CloudStore, StoredSummary, SummaryQuery};
+use edgewise_cloud::{
+    GapQuery, Receiver, ServerConfig, Store as CloudStore, StoredGap, StoredSummary, SummaryQuery,
+};
 use edgewise_protocol::senml::{Record, encode_pack};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
@@ -96,6 +98,20 @@ impl Cloud {
                 .cmp(&(&b.summary.stream, b.summary.window_start_ms))
         });
         v
+    }
+}
+
+impl Cloud {
+    /// Gap records the receiver stored for the test device, by seq.
+    pub fn gaps(&self) -> Vec<StoredGap> {
+        CloudStore::open(&self.db)
+            .unwrap()
+            .gaps(&GapQuery {
+                device: Some(DEVICE.into()),
+                limit: 10_000,
+                ..GapQuery::default()
+            })
+            .unwrap()
     }
 }
 

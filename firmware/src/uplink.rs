@@ -261,16 +261,14 @@ impl<'a, L: Link, const SLOTS: usize, const BYTES: usize> Uplink<'a, L, SLOTS, B
         }
         let keep_alive_ms = i64::from(self.config.keep_alive_s) * 1_000;
         if keep_alive_ms > 0 && now_ms - self.last_io_ms >= keep_alive_ms / 2 {
-            {
-                self.in_io = true;
-                let pinged = Session::attached(&mut self.link).ping().await;
-                self.in_io = false;
-                match pinged {
-                    Ok(()) => self.last_io_ms = now_ms,
-                    Err(e) => {
-                        self.lose_connection(now_ms, Some(UplinkError::Mqtt(e)));
-                        return LinkState::RetryAt(self.retry_at_ms);
-                    }
+            self.in_io = true;
+            let pinged = Session::attached(&mut self.link).ping().await;
+            self.in_io = false;
+            match pinged {
+                Ok(()) => self.last_io_ms = now_ms,
+                Err(e) => {
+                    self.lose_connection(now_ms, Some(UplinkError::Mqtt(e)));
+                    return LinkState::RetryAt(self.retry_at_ms);
                 }
             }
         }

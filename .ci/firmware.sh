@@ -49,27 +49,31 @@ step "qemu-system-arm"
 command -v qemu-system-arm >/dev/null || install_qemu_system_arm
 qemu-system-arm --version | head -1
 
-# Board folders use their own target/ (and lockfile); a global target dir would mix them.
+# Each board folder has its own lockfile and target; a shared target dir would mix them. The
+# targets live outside the clone so repeated CI runs on one machine build incrementally.
+BOARDS_TARGET=${EDGEWISE_BOARDS_TARGET:-/var/tmp/edgewise-boards}
+SELFTEST_TARGET="$BOARDS_TARGET/mps2-an386"
+BOARD_TARGET="$BOARDS_TARGET/esp32c3"
 unset CARGO_TARGET_DIR
 
 step "self-test: build (thumbv7em-none-eabihf, Cortex-M4F)"
-(cd "$SELFTEST" && cargo build --release --locked)
+(cd "$SELFTEST" && CARGO_TARGET_DIR="$SELFTEST_TARGET" cargo build --release --locked)
 
 step "self-test: run under qemu-system-arm -machine mps2-an386 (semihosting)"
 log=$(mktemp)
 # The runner in .cargo/config.toml is qemu; the exit status is the self-test's verdict.
-(cd "$SELFTEST" && cargo run --release --locked) | tee "$log"
+(cd "$SELFTEST" && CARGO_TARGET_DIR="$SELFTEST_TARGET" cargo run --release --locked) | tee "$log"
 grep -q '^selftest: PASS$' "$log"
 rm -f "$log"
 
 step "board: build the ESP32-C3 node (riscv32imc-unknown-none-elf)"
 # Wi-Fi and gateway settings are compiled in; CI builds with placeholders.
 (cd "$BOARD" && EDGEWISE_WIFI_SSID=ci EDGEWISE_WIFI_PASSWORD=ci-password \
-  EDGEWISE_GATEWAY=192.168.4.1 cargo build --release --locked)
+  EDGEWISE_GATEWAY=192.168.4.1 CARGO_TARGET_DIR="$BOARD_TARGET" cargo build --release --locked)
 
 step "sizes"
-SELFTEST_ELF="$SELFTEST/target/thumbv7em-none-eabihf/release/edgewise-selftest-mps2-an386"
-BOARD_ELF="$BOARD/target/riscv32imc-unknown-none-elf/release/edgewise-node-esp32c3"
+SELFTEST_ELF="$SELFTEST_TARGET/thumbv7em-none-eabihf/release/edgewise-selftest-mps2-an386"
+BOARD_ELF="$BOARD_TARGET/riscv32imc-unknown-none-elf/release/edgewise-node-esp32c3"
 size "$SELFTEST_ELF" "$BOARD_ELF"
 # Flash = everything loaded from flash (code, read-only data, and the initial values of RAM
 # code/data); static RAM = data + bss + code copied to IRAM. Linker padding (*_dummy), the stack

@@ -474,3 +474,24 @@ async fn worker_batches_requests_from_async_callers() {
         "both requests fit one batch within max_wait"
     );
 }
+
+#[test]
+fn closed_windows_are_scored_in_place_as_the_pipeline_does() {
+    use edgewise_agent::window::ClosedWindow;
+    let mut closed: Vec<ClosedWindow> = reference_summaries("anomaly")
+        .into_iter()
+        .map(|summary| ClosedWindow {
+            closed_until_ms: summary.window_end_ms,
+            summary,
+        })
+        .collect();
+    let mut scorer = SwappableScorer::start(config_for("anomaly")).unwrap();
+    let report = scorer.score_each(closed.iter_mut().map(|c| &mut c.summary));
+    assert_eq!((report.scored, report.failed), (24, 0));
+    let alerts = closed.iter().filter(|c| c.summary.is_alert()).count();
+    assert_eq!(alerts, report.alerts);
+    assert!(
+        alerts > 0 && alerts < 24,
+        "the reference windows hold both kinds"
+    );
+}

@@ -297,6 +297,16 @@ impl Scorer {
     /// Scores every summary this model applies to, in batches of at most `batch_size`, setting
     /// `score`. Summaries it cannot score keep `score: None`; the report says how many and why.
     pub fn score(&mut self, summaries: &mut [WindowSummary]) -> ScoreReport {
+        self.score_each(summaries.iter_mut())
+    }
+
+    /// [`Scorer::score`] for summaries that live inside other values, e.g.
+    /// `scorer.score_each(closed.iter_mut().map(|c| &mut c.summary))`.
+    pub fn score_each<'a>(
+        &mut self,
+        summaries: impl IntoIterator<Item = &'a mut WindowSummary>,
+    ) -> ScoreReport {
+        let mut summaries: Vec<&mut WindowSummary> = summaries.into_iter().collect();
         let mut report = ScoreReport::default();
         self.rows.clear();
         self.row_owner.clear();
@@ -305,7 +315,7 @@ impl Scorer {
                 report.not_matched += 1;
                 continue;
             }
-            match features::push_row(&self.inputs, &summaries[i], &mut self.rows) {
+            match features::push_row(&self.inputs, summaries[i], &mut self.rows) {
                 Ok(()) => self.row_owner.push(i),
                 Err(e) => {
                     report.invalid_features += 1;
@@ -313,16 +323,16 @@ impl Scorer {
                 }
             }
             if self.row_owner.len() == self.batch_size {
-                self.flush(summaries, &mut report);
+                self.flush(&mut summaries, &mut report);
             }
         }
         if !self.row_owner.is_empty() {
-            self.flush(summaries, &mut report);
+            self.flush(&mut summaries, &mut report);
         }
         report
     }
 
-    fn flush(&mut self, summaries: &mut [WindowSummary], report: &mut ScoreReport) {
+    fn flush(&mut self, summaries: &mut [&mut WindowSummary], report: &mut ScoreReport) {
         let rows = std::mem::take(&mut self.rows);
         let mut out = Vec::with_capacity(self.row_owner.len() * self.output_width);
         match self.run_into(&rows, &mut out) {

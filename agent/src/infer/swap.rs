@@ -82,6 +82,15 @@ impl SwappableScorer {
         self.active.score(summaries)
     }
 
+    /// [`Scorer::score_each`] with the newest validated model.
+    pub fn score_each<'a>(
+        &mut self,
+        summaries: impl IntoIterator<Item = &'a mut WindowSummary>,
+    ) -> ScoreReport {
+        self.take_new_model();
+        self.active.score_each(summaries)
+    }
+
     /// The model that will score the next batch (`name@version`).
     pub fn model_id(&mut self) -> &str {
         self.take_new_model();

@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub sync: SyncConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    /// Local anomaly scoring of closed windows with an ONNX model; off when absent.
+    #[serde(default)]
+    pub inference: Option<crate::infer::InferenceConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -373,6 +376,11 @@ impl AgentConfig {
         for (i, f) in self.filters.iter().enumerate() {
             for (field, msg) in f.problems() {
                 bad(&format!("filter[{i}].{field}"), msg);
+            }
+        }
+        if let Some(inference) = &self.inference {
+            for (field, msg) in inference.problems() {
+                bad(&format!("inference.{field}"), msg);
             }
         }
         if !(self.sync.url.starts_with("http://") || self.sync.url.starts_with("https://")) {

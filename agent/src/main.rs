@@ -112,6 +112,16 @@ fn check(path: &std::path::Path) -> ExitCode {
             if let Err(e) = cfg.sync_token() {
                 println!("warning: sync token: {e}");
             }
+            // The model is loaded and validated against the configured inputs, as `run` would.
+            if let Some(inference) = &cfg.inference
+                && let Err(e) = edgewise_agent::infer::Scorer::load(inference)
+            {
+                println!(
+                    "{}: 1 problem(s):\n  - inference.model_path: {e}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }

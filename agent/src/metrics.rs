@@ -79,6 +79,10 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub acks_sent: Counter,
     pub windows_closed: Counter,
+    /// Closed windows the model scored, of which alerts, and those it could not score.
+    pub windows_scored: Counter,
+    pub windows_alerted: Counter,
+    pub windows_score_failed: Counter,
     pub summaries_synced: Counter,
     /// Summaries the receiver refused for good, moved to the dead-letter table.
     pub summaries_rejected: Counter,
@@ -158,6 +162,21 @@ impl Metrics {
             "windows_closed_total",
             "Windows closed into summaries.",
             self.windows_closed.get(),
+        );
+        counter(
+            "windows_scored_total",
+            "Closed windows scored by the model.",
+            self.windows_scored.get(),
+        );
+        counter(
+            "windows_alerted_total",
+            "Scored windows at or over the alert threshold.",
+            self.windows_alerted.get(),
+        );
+        counter(
+            "windows_score_failed_total",
+            "Closed windows the model could not score (shipped unscored).",
+            self.windows_score_failed.get(),
         );
         counter(
             "summaries_synced_total",

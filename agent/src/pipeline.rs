@@ -50,6 +50,8 @@ pub struct Pipeline {
     journal_enabled: bool,
     /// Readings in the journal, tracked without a COUNT(*) per batch.
     journal_rows: u64,
+    /// Scores closed windows before they enter the outbox (`[inference]` in the config).
+    scorer: Option<crate::infer::SwappableScorer>,
 }
 
 /// What `prepare` decided about a batch, applied only once it is committed.
@@ -67,6 +69,8 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("invalid filter: {0}")]
     Filter(String),
+    #[error("loading the model: {0}")]
+    Inference(#[from] crate::infer::InferenceError),
 }
 
 impl Pipeline {
@@ -113,6 +117,11 @@ impl Pipeline {
             pending_closed: Vec::new(),
             journal_enabled: cfg.store.journal,
             journal_rows: journal.len() as u64,
+            scorer: cfg
+                .inference
+                .clone()
+                .map(crate::infer::SwappableScorer::start)
+                .transpose()?,
         };
         p.update_gauges();
         Ok(p)
@@ -201,6 +210,7 @@ impl Pipeline {
         if closed.is_empty() {
             return Ok(0);
         }
+        self.score(&mut closed);
         let committed = self.store.commit_closed(&closed, crate::ingest::wall_ms());
         self.note_store_result(&committed);
         let outcome = match committed {
@@ -228,6 +238,29 @@ impl Pipeline {
         }
         self.update_gauges();
         Ok(closed.len())
+    }
+
+    /// Scores the windows not scored yet (a retried commit keeps its scores). Runs on the
+    /// blocking thread that runs the pipeline, never on the async core threads. A window the
+    /// model cannot score is shipped unscored and counted, never held back.
+    fn score(&mut self, closed: &mut [ClosedWindow]) {
+        let Some(scorer) = &mut self.scorer else {
+            return;
+        };
+        let report = scorer.score_each(
+            closed
+                .iter_mut()
+                .map(|c| &mut c.summary)
+                .filter(|s| s.score.is_none()),
+        );
+        let m = &self.metrics;
+        m.windows_scored.add(report.scored as u64);
+        m.windows_alerted.add(report.alerts as u64);
+        m.windows_score_failed
+            .add((report.invalid_features + report.failed) as u64);
+        if let Some(e) = &report.first_error {
+            tracing::warn!(error = %e, unscored = report.invalid_features + report.failed, "some windows could not be scored");
+        }
     }
 
     fn note_store_result<T>(&self, result: &Result<T, StoreError>) {

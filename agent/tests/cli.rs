@@ -82,3 +82,19 @@ fn run_refuses_an_invalid_config_without_starting() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("window.window_seconds"));
 }
+
+#[test]
+fn check_loads_the_configured_model_and_names_a_missing_one() {
+    let (code, text) =
+        check("agent_id = \"a\"\n[inference]\nmodel_path = \"/nonexistent/anomaly.onnx\"\n");
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("- inference.model_path:"), "{text}");
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/anomaly/anomaly.onnx"
+    );
+    let (code, text) = check(&format!(
+        "agent_id = \"a\"\n[inference]\nmodel_path = \"{model}\"\n"
+    ));
+    assert_eq!(code, 0, "{text}");
+}

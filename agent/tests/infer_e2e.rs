@@ -1,8 +1,6 @@
 //! End to end with inference: a real broker, the agent with the shipped anomaly model, a real
 //! receiver. An injected spike is flagged at the cloud; a quiet window is scored and not flagged.
-//!
-//! Needs the pipeline wiring of issue 5 (`[inference]` in `AgentConfig`, scoring in
-//! `Pipeline::close_due`): ignored until then. Enable by deleting the `#[ignore]`.
+//! Scoring happens in `Pipeline::close_due`, configured by `[inference]` in `AgentConfig`.
 
 mod common;
 
@@ -64,7 +62,6 @@ fn config_with_inference(setup: &Setup, cloud: std::net::SocketAddr) -> AgentCon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the pipeline wiring of issue 5 ([inference] in AgentConfig, scoring in close_due)"]
 async fn an_injected_spike_is_flagged_at_the_cloud() {
     let setup = Setup::new();
     let receiver = setup.cloud.start(free_addr()).await;

@@ -17,46 +17,12 @@ fn model_path() -> std::path::PathBuf {
 
 /// `Setup::agent_config` plus an `[inference]` table running the anomaly model with its defaults.
 fn config_with_inference(setup: &Setup, cloud: std::net::SocketAddr) -> AgentConfig {
-    let text = format!(
-        r#"
-        agent_id = "{DEVICE}"
-        [mqtt]
-        url = "mqtt://{}:{}"
-        client_id = "{}"
-        topics = ["{}/#"]
-        reconnect_max_backoff_ms = 500
-        [store]
-        path = "{}"
-        [window]
-        window_seconds = 10
-        allowed_lateness_ms = 20000
-        idle_timeout_ms = 600
-        [[filter]]
-        stream = "+/temperature"
-        min = -40.0
-        max = 85.0
-        [sync]
-        url = "http://{cloud}"
-        token = "{}"
-        interval_ms = 100
-        backoff_initial_ms = 50
-        backoff_max_ms = 300
-        timeout_ms = 2000
-        [http]
-        listen = "127.0.0.1:0"
-        [inference]
-        model_path = "{}"
-        streams = ["+/temperature"]
-        "#,
-        setup.broker.0,
-        setup.broker.1,
-        unique("agent"),
-        setup.topic_root,
-        setup.dir.path().join("agent.db").display(),
-        setup.cloud.token,
-        model_path().display(),
-    );
-    let cfg = AgentConfig::parse(&text).expect("[inference] is part of the agent config");
+    let mut cfg = setup.agent_config(cloud);
+    cfg.inference = Some(edgewise_agent::infer::InferenceConfig {
+        model_path: model_path(),
+        streams: vec!["+/temperature".into()],
+        ..Default::default()
+    });
     assert_eq!(cfg.problems(), vec![]);
     cfg
 }

@@ -170,8 +170,10 @@ async fn sigterm_exits_cleanly_within_seconds_even_with_an_upload_hanging() {
     // 10 s timeout unless shutdown cuts it short.
     let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hang_addr = hang.local_addr().unwrap();
-    let mut cfg_text = std::fs::read_to_string(write_default_config(&setup, hang_addr)).unwrap();
-    cfg_text = cfg_text.replace("timeout_ms = 2000", "timeout_ms = 10000");
+    let cfg_text = setup
+        .agent_config_text(hang_addr)
+        .replace("timeout_ms = 2000", "timeout_ms = 10000");
+    assert!(cfg_text.contains("timeout_ms = 10000"));
     let cfg_path = setup.dir.path().join("agent.toml");
     std::fs::write(&cfg_path, cfg_text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgewise-agent"))
@@ -218,43 +220,4 @@ async fn sigterm_exits_cleanly_within_seconds_even_with_an_upload_hanging() {
     // The summary is still buffered for the next run.
     let store = edgewise_agent::store::Store::open(&setup.dir.path().join("agent.db"), 10).unwrap();
     assert_eq!(store.outbox_size().unwrap().0, 1);
-}
-
-/// The common test config as a TOML file (the binary reads files).
-fn write_default_config(setup: &Setup, cloud: std::net::SocketAddr) -> std::path::PathBuf {
-    let cfg = setup.agent_config(cloud);
-    let text = format!(
-        r#"
-agent_id = "{}"
-[mqtt]
-url = "{}"
-client_id = "{}"
-topics = {:?}
-reconnect_max_backoff_ms = 500
-[store]
-path = "{}"
-[window]
-window_seconds = 10
-allowed_lateness_ms = 20000
-idle_timeout_ms = 600
-[sync]
-url = "http://{cloud}"
-token = "{}"
-interval_ms = 100
-backoff_initial_ms = 50
-backoff_max_ms = 300
-timeout_ms = 2000
-[http]
-listen = "127.0.0.1:0"
-"#,
-        cfg.agent_id,
-        cfg.mqtt.url,
-        cfg.client_id(),
-        cfg.mqtt.topics,
-        cfg.store.path.display(),
-        setup.cloud.token,
-    );
-    let path = setup.dir.path().join("agent.toml");
-    std::fs::write(&path, text).unwrap();
-    path
 }

@@ -138,7 +138,14 @@ impl Setup {
     /// Agent config: 10 s windows; lateness covers the tests' interleaved readings, so windows
     /// close only by the short idle timeout, whatever the broker's batching.
     pub fn agent_config(&self, cloud: SocketAddr) -> AgentConfig {
-        let text = format!(
+        let cfg = AgentConfig::parse(&self.agent_config_text(cloud)).unwrap();
+        assert_eq!(cfg.problems(), vec![]);
+        cfg
+    }
+
+    /// The TOML of [`Setup::agent_config`], for tests that run the binary (it reads a file).
+    pub fn agent_config_text(&self, cloud: SocketAddr) -> String {
+        format!(
             r#"
             agent_id = "{DEVICE}"
             [mqtt]
@@ -172,10 +179,7 @@ impl Setup {
             self.topic_root,
             self.dir.path().join("agent.db").display(),
             self.cloud.token,
-        );
-        let cfg = AgentConfig::parse(&text).unwrap();
-        assert_eq!(cfg.problems(), vec![]);
-        cfg
+        )
     }
 
     pub fn topic(&self, node: &str) -> String {

@@ -1,6 +1,6 @@
 //! Load client: many simulated devices post realistic CBOR batches to in-process receivers
-//! (1 or more replicas) over real HTTP on loopback, and it reports summaries stored per second
-//! and ingest latency percentiles.
+//! (1 or more replicas) over real HTTP on loopback, and it reports summaries stored per second,
+//! ingest latency percentiles, and where the CPU went.
 //!
 //! ```text
 //! cargo run --release -p edgewise-cloud --example load -- --backend sqlite --replicas 1
@@ -9,12 +9,22 @@
 //! ```
 //!
 //! Each device has `--streams` streams and posts batches of `--batch` new windows (round robin
-//! over its streams, one-minute windows, scored, every 50th an alert). `--concurrency` clients
-//! post at once, each over its own keep-alive connection, spread over the replicas. PostgreSQL
-//! runs use a fresh database that is dropped at the end. The rate limit is off (it is per
-//! device and would only measure itself). The receivers and the clients share this machine's
-//! cores, so the figures are a lower bound for a dedicated receiver host.
+//! over its streams, one-minute windows, scored, every 50th an alert): by default 500 summaries,
+//! the agent uploader's default `batch_max_summaries` (about 80 KB, under its 512 KiB
+//! `batch_max_bytes`). `--concurrency` clients post at once, each over its own keep-alive
+//! connection, spread over the replicas. PostgreSQL runs use a fresh database that is dropped at
+//! the end. The rate limit is off (it is per device and would only measure itself).
+//!
+//! The client is kept cheap so that the figures measure the receiver: each device's first batch
+//! is encoded once, and every later batch is a copy of it with its eight-byte time fields moved
+//! forward by whole minutes (new windows, same CBOR shape), so no encoding runs while the clock
+//! does. The client runs on its own runtime (`--client-threads` threads named `load-client`),
+//! the receivers on another (`receiver`, with their blocking pool), so the report can split the
+//! CPU time: load client, receivers, PostgreSQL backends of the bench database, and the rest of
+//! the machine (other processes). All of them share this machine's cores, so the figures are a
+//! lower bound for a dedicated receiver host.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -31,7 +41,7 @@ struct Args {
     batch: usize,
     concurrency: usize,
     seconds: u64,
-    prebuilt: usize,
+    client_threads: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -44,7 +54,7 @@ fn parse_args() -> anyhow::Result<Args> {
         batch: 500,
         concurrency: 16,
         seconds: 10,
-        prebuilt: 4,
+        client_threads: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,27 +68,38 @@ fn parse_args() -> anyhow::Result<Args> {
             "--batch" => a.batch = value.parse()?,
             "--concurrency" => a.concurrency = value.parse()?,
             "--seconds" => a.seconds = value.parse()?,
-            "--prebuilt" => a.prebuilt = value.parse()?,
+            "--client-threads" => a.client_threads = value.parse()?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
-    anyhow::ensure!(a.replicas >= 1 && a.devices >= a.concurrency && a.batch >= 1);
+    anyhow::ensure!(
+        a.replicas >= 1
+            && a.devices >= a.concurrency
+            && a.concurrency >= 1
+            && a.batch >= 1
+            && a.streams >= 1
+            && a.client_threads >= 1,
+        "need replicas, concurrency, batch, streams, client-threads >= 1 and devices >= concurrency"
+    );
     Ok(a)
 }
 
-fn batch_for(device: &str, streams: usize, first_window: u64, n: usize) -> Vec<u8> {
-    let base_ms: i64 = 1_700_000_000_000;
-    let summaries: Vec<WindowSummary> = (0..n as u64)
-        .map(|k| {
-            let w = first_window + k;
+/// Milliseconds of the first window of every device.
+const BASE_MS: i64 = 1_700_000_000_000;
+const WINDOW_MS: i64 = 60_000;
+
+/// `n` summaries of `device`: window `w` is stream `w % streams`, minute `w / streams`.
+fn summaries_for(device: &str, streams: usize, n: usize) -> Vec<WindowSummary> {
+    (0..n as u64)
+        .map(|w| {
             let stream = format!("node-{}/temperature", w % streams as u64);
-            let start = base_ms + (w / streams as u64) as i64 * 60_000;
+            let start = BASE_MS + (w / streams as u64) as i64 * WINDOW_MS;
             let mean = 21.0 + (w % 17) as f64 * 0.1;
             WindowSummary {
                 agent_id: device.to_owned(),
                 stream,
                 window_start_ms: start,
-                window_end_ms: start + 60_000,
+                window_end_ms: start + WINDOW_MS,
                 revision: 0,
                 count: 60,
                 min: mean - 1.0,
@@ -95,16 +116,187 @@ fn batch_for(device: &str, streams: usize, first_window: u64, n: usize) -> Vec<u
                     alert: w % 50 == 0,
                     model: "anomaly@3f2a9c1d".to_owned(),
                 }),
+                quantiles: None,
             }
         })
-        .collect();
-    Batch::new(device.to_owned(), 0, summaries).to_cbor()
+        .collect()
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// A device's encoded batch and where its time fields are, so the next batch is a copy with the
+/// times moved forward instead of a new encoding.
+struct BatchTemplate {
+    body: Vec<u8>,
+    /// Offsets of the 8-byte big-endian payloads of every summary's window start and end,
+    /// first time and last time (CBOR `0x1b` unsigned integers: all are above 2^32).
+    time_fields: Vec<usize>,
+    /// How far each batch moves the times: the minutes one batch spans.
+    step_ms: i64,
+    next: i64,
+}
+
+impl BatchTemplate {
+    fn new(device: &str, streams: usize, n: usize) -> anyhow::Result<Self> {
+        let body = Batch::new(device.to_owned(), 0, summaries_for(device, streams, n)).to_cbor();
+        let time_fields = time_fields(&body).context("walking the template batch")?;
+        anyhow::ensure!(
+            time_fields.len() == 4 * n,
+            "expected 4 time fields per summary"
+        );
+        Ok(BatchTemplate {
+            body,
+            time_fields,
+            step_ms: n.div_ceil(streams) as i64 * WINDOW_MS,
+            next: 0,
+        })
+    }
+
+    /// The next batch: new windows of the same streams.
+    fn next_body(&mut self) -> Vec<u8> {
+        let mut body = self.body.clone();
+        let shift = self.next * self.step_ms;
+        self.next += 1;
+        for &at in &self.time_fields {
+            let field = &mut body[at..at + 8];
+            let mut v = [0u8; 8];
+            v.copy_from_slice(field);
+            let moved = i64::from_be_bytes(v) + shift;
+            field.copy_from_slice(&moved.to_be_bytes());
+        }
+        body
+    }
+}
+
+/// Offsets of the time fields (summary keys 2, 3, 11, 13) of an encoded [`Batch`].
+fn time_fields(body: &[u8]) -> Result<Vec<usize>, anyhow::Error> {
+    let mut d = minicbor::Decoder::new(body);
+    let mut out = Vec::new();
+    let entries = d.map()?.context("batch map has no length")?;
+    for _ in 0..entries {
+        if d.u32()? != 3 {
+            d.skip()?;
+            continue;
+        }
+        let n = d.array()?.context("summaries array has no length")?;
+        for _ in 0..n {
+            let fields = d.map()?.context("summary map has no length")?;
+            for _ in 0..fields {
+                let key = d.u32()?;
+                if matches!(key, 2 | 3 | 11 | 13) {
+                    let at = d.position();
+                    anyhow::ensure!(body[at] == 0x1b, "time field {key} is not 8 bytes");
+                    out.push(at + 1);
+                }
+                d.skip()?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// CPU seconds (user + system) of this process's threads, by thread name, and of the whole
+/// process (threads that ended included).
+fn own_cpu() -> (HashMap<String, f64>, f64) {
+    let mut by_name = HashMap::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            if let Some((name, secs)) = stat_cpu(&task.path().join("stat")) {
+                *by_name.entry(name).or_insert(0.0) += secs;
+            }
+        }
+    }
+    let total = stat_cpu("/proc/self/stat".as_ref()).map_or(0.0, |(_, s)| s);
+    (by_name, total)
+}
+
+/// `(comm, utime + stime in seconds)` from a `/proc/.../stat` file.
+fn stat_cpu(path: &std::path::Path) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state is field 3, utime 14, stime 15 (1-based over the whole line).
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some((name, ticks as f64 / 100.0))
+}
+
+/// CPU seconds of the PostgreSQL backends serving database `db` (0 when there are none).
+fn pg_backend_cpu(db: &str) -> f64 {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let needle = format!(" {db} ");
+    procs
+        .flatten()
+        .filter(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .filter_map(|p| stat_cpu(&p.path().join("stat")))
+        .map(|(_, s)| s)
+        .sum()
+}
+
+/// Busy CPU seconds of the whole machine, from `/proc/stat`.
+fn machine_busy() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    let t: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...; busy = all but idle and iowait.
+    let busy: u64 = t
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    busy as f64 / 100.0
+}
+
+struct CpuMark {
+    threads: HashMap<String, f64>,
+    process: f64,
+    pg: f64,
+    machine: f64,
+}
+
+impl CpuMark {
+    fn now(pg_db: Option<&str>) -> Self {
+        let (threads, process) = own_cpu();
+        CpuMark {
+            threads,
+            process,
+            pg: pg_db.map_or(0.0, pg_backend_cpu),
+            machine: machine_busy(),
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let receivers_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("receiver")
+        .build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads)
+        .enable_all()
+        .thread_name("load-client")
+        .build()?;
+    let result = receivers_rt.block_on(run(&args, client_rt.handle()));
+    client_rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut bench_db: Option<(tokio_postgres::Config, String)> = None;
 
@@ -155,55 +347,44 @@ async fn main() -> anyhow::Result<()> {
         .map(|r| format!("http://{}/v1/ingest", r.local_addr()))
         .collect();
 
-    // Bodies are encoded before the clock starts (then on the fly if a device runs out), so the
-    // client's encoding does not compete with the receivers for the cores being measured.
-    let mut prebuilt: Vec<Vec<Vec<u8>>> = Vec::with_capacity(args.devices);
+    let mut templates: Vec<Option<BatchTemplate>> = Vec::with_capacity(args.devices);
     for d in 0..args.devices {
-        let device = format!("dev-{d:05}");
-        prebuilt.push(
-            (0..args.prebuilt)
-                .rev()
-                .map(|b| batch_for(&device, args.streams, (b * args.batch) as u64, args.batch))
-                .collect(),
-        );
+        templates.push(Some(BatchTemplate::new(
+            &format!("dev-{d:05}"),
+            args.streams,
+            args.batch,
+        )?));
     }
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let body_bytes = templates[0].as_ref().map_or(0, |t| t.body.len());
+
+    let pg_db = bench_db.as_ref().map(|(_, name)| name.as_str());
+    let before = CpuMark::now(pg_db);
     let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(1)
             .build()?;
         let url = urls[w % urls.len()].clone();
-        let mine: Vec<(String, String)> = (w..args.devices)
-            .step_by(args.concurrency)
-            .map(|d| (format!("dev-{d:05}"), tokens[d].clone()))
-            .collect();
-        let mut ready: Vec<Vec<Vec<u8>>> = (w..args.devices)
-            .step_by(args.concurrency)
-            .map(|d| std::mem::take(&mut prebuilt[d]))
-            .collect();
-        let (streams, n) = (args.streams, args.batch);
-        workers.push(tokio::spawn(async move {
+        let mut mine: Vec<(String, BatchTemplate)> = Vec::new();
+        for d in (w..args.devices).step_by(args.concurrency) {
+            let template = templates[d].take().context("each device has one worker")?;
+            mine.push((tokens[d].clone(), template));
+        }
+        workers.push(client_rt.spawn(async move {
             let mut latencies_us: Vec<u32> = Vec::new();
-            let mut next_window = vec![(ready.first().map_or(0, Vec::len) * n) as u64; mine.len()];
             let mut errors = 0u64;
             let mut i = 0;
             while Instant::now() < deadline {
                 let k = i % mine.len();
+                let (token, template) = &mut mine[k];
                 i += 1;
-                let (device, token) = &mine[k];
-                let body = match ready[k].pop() {
-                    Some(body) => body,
-                    None => {
-                        next_window[k] += n as u64;
-                        batch_for(device, streams, next_window[k] - n as u64, n)
-                    }
-                };
+                let body = template.next_body();
                 let t = Instant::now();
                 let r = client
                     .post(&url)
-                    .bearer_auth(token)
+                    .bearer_auth(&*token)
                     .header("content-type", "application/cbor")
                     .body(body)
                     .send()
@@ -227,6 +408,7 @@ async fn main() -> anyhow::Result<()> {
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let after = CpuMark::now(pg_db);
     let inserted: u64 = receivers
         .iter()
         .map(|r| r.metrics().snapshot().summaries_inserted)
@@ -240,12 +422,13 @@ async fn main() -> anyhow::Result<()> {
         f64::from(latencies[i]) / 1000.0
     };
     println!(
-        "backend={} replicas={} devices={} batch={} concurrency={} seconds={:.1}: \
+        "backend={} replicas={} devices={} batch={} ({} bytes) concurrency={} seconds={:.1}: \
          {:.0} summaries/s stored ({} in {} requests, {} errors), latency ms p50 {:.1} p99 {:.1} max {:.1}",
         args.backend,
         args.replicas,
         args.devices,
         args.batch,
+        body_bytes,
         args.concurrency,
         elapsed,
         inserted as f64 / elapsed,
@@ -255,6 +438,38 @@ async fn main() -> anyhow::Result<()> {
         pct(0.50),
         pct(0.99),
         pct(1.0),
+    );
+    let thread_delta = |name: &str| {
+        after.threads.get(name).copied().unwrap_or(0.0)
+            - before.threads.get(name).copied().unwrap_or(0.0)
+    };
+    let client_cpu = thread_delta("load-client");
+    let process_cpu = after.process - before.process;
+    let receiver_cpu = process_cpu - client_cpu;
+    let pg_cpu = after.pg - before.pg;
+    let machine_cpu = after.machine - before.machine;
+    let others = (machine_cpu - process_cpu - pg_cpu).max(0.0);
+    let cores = |s: f64| s / elapsed;
+    let per_summary_us = |s: f64| {
+        if inserted == 0 {
+            0.0
+        } else {
+            s * 1e6 / inserted as f64
+        }
+    };
+    println!(
+        "cpu (cores busy on average, and us per stored summary): load client {:.2} ({:.1} us), \
+         receivers {:.2} ({:.1} us), postgres backends {:.2} ({:.1} us), \
+         other processes {:.2}, machine {:.2} of {}",
+        cores(client_cpu),
+        per_summary_us(client_cpu),
+        cores(receiver_cpu),
+        per_summary_us(receiver_cpu),
+        cores(pg_cpu),
+        per_summary_us(pg_cpu),
+        cores(others),
+        cores(machine_cpu),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     for r in receivers {
         r.stop().await;

@@ -48,9 +48,9 @@ use crate::auth::bearer_token;
 use crate::limit::{RateLimit, RateLimiter};
 use crate::metrics::{Metrics, PROMETHEUS_CONTENT_TYPE, RejectReason};
 use crate::store::{
-    DEFAULT_QUERY_LIMIT, DeviceInfo, FlatSummary, GapQuery, IngestOutcome, MAX_QUERY_LIMIT,
-    ScoreJson, Storage, StoreError, StoredGap, StoredSummary, SummaryFilter, SummaryKey,
-    SummaryQuery, check_batch,
+    CheckedBatch, DEFAULT_QUERY_LIMIT, DeviceInfo, FlatSummary, GapQuery, IngestOutcome,
+    MAX_QUERY_LIMIT, QuantilesJson, ScoreJson, Storage, StoreError, StoredGap, StoredSummary,
+    SummaryFilter, SummaryKey, SummaryQuery,
 };
 
 /// Most summaries accepted in one batch.
@@ -190,7 +190,7 @@ pub struct ErrorBody {
 #[openapi(
     info(title = "Edgewise cloud receiver", description = "Ingest of window summaries from Edgewise agents, and the query API."),
     paths(dashboard, ingest, list_devices, list_summaries, list_alerts, list_gaps, render_metrics, healthz, openapi_json),
-    components(schemas(IngestOutcome, DeviceInfo, FlatSummary, ScoreJson, StoredGap, ErrorBody)),
+    components(schemas(IngestOutcome, DeviceInfo, FlatSummary, ScoreJson, QuantilesJson, StoredGap, ErrorBody)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -354,12 +354,8 @@ async fn ingest_batch<S: Storage>(
             batch.agent_id
         )));
     }
-    check_batch(&device, &batch.summaries, &batch.gaps)?;
-
-    Ok(state
-        .store
-        .store_batch(device, batch.summaries, batch.gaps)
-        .await?)
+    let batch = CheckedBatch::new(device, batch.summaries, batch.gaps)?;
+    Ok(state.store.store_batch(batch).await?)
 }
 
 /// Registered devices with last-seen time and counts.

@@ -6,9 +6,11 @@
 //! edgewise-cloud device add ID --db FILE       # prints the new token once, on stdout
 //! edgewise-cloud device list --db FILE
 //! edgewise-cloud device revoke ID --db FILE
+//! edgewise-cloud device rotate ID --db FILE     # prints a new token once; the old one stops
 //! ```
 //!
-//! `--tls-cert FILE --tls-key FILE` serves HTTPS directly (rustls); without them, plain HTTP
+//! `--token-key-file FILE` (every command) hashes device tokens with a keyed hash at rest (see
+//! `auth`). `--tls-cert FILE --tls-key FILE` serves HTTPS directly (rustls); without them, plain HTTP
 //! (put a TLS-terminating proxy in front). `--pg-url` (or `EDGEWISE_CLOUD_PG_URL`) selects PostgreSQL instead of the SQLite file; every
 //! command takes it.
 //!
@@ -20,6 +22,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use edgewise_cloud::auth::{TokenHasher, TokenKey};
 use edgewise_cloud::{
     AnyStore, PgConfig, PgStore, RateLimit, Receiver, ServerConfig, Storage, Store,
 };
@@ -48,6 +51,11 @@ struct DbArgs {
     /// Most PostgreSQL connections this process opens.
     #[arg(long, env = "EDGEWISE_CLOUD_PG_MAX_CONNECTIONS", default_value_t = PgConfig::default().max_connections)]
     pg_max_connections: usize,
+    /// Key for hashing device tokens at rest (HMAC-SHA256): a file holding at least 64 hex
+    /// characters (`openssl rand -hex 32`), mode 600. Without it tokens are stored as plain
+    /// SHA-256 (a warning at start); with it, existing plain hashes are migrated on open.
+    #[arg(long, env = "EDGEWISE_CLOUD_TOKEN_KEY_FILE")]
+    token_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,6 +100,13 @@ enum DeviceCommand {
     },
     /// List devices with their summary counts.
     List {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Give a device a new token (printed once; the old one stops working at once, a revocation
+    /// is lifted). The agent keeps its data buffered until it runs with the new token.
+    Rotate {
+        id: String,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -174,6 +189,18 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            DeviceCommand::Rotate { id, db } => {
+                let token = open(&db)
+                    .await?
+                    .rotate_token(id.clone())
+                    .await
+                    .with_context(|| format!("rotating the token of device {id:?}"))?;
+                println!("{token}");
+                eprintln!(
+                    "new token for device {id:?} printed above (shown only once); the old one no longer works"
+                );
+                Ok(())
+            }
             DeviceCommand::Revoke { id, db } => {
                 let revoked = open(&db)
                     .await?
@@ -191,6 +218,24 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn open(db: &DbArgs) -> anyhow::Result<AnyStore> {
+    let hasher = match &db.token_key_file {
+        Some(path) => TokenHasher::keyed(TokenKey::load(path).context("--token-key-file")?),
+        None => {
+            tracing::warn!(
+                "device tokens are hashed at rest with plain SHA-256; set --token-key-file \
+                 (EDGEWISE_CLOUD_TOKEN_KEY_FILE) for a keyed hash"
+            );
+            TokenHasher::default()
+        }
+    };
+    let store = open_backend(db).await?;
+    store
+        .with_token_hasher(hasher)
+        .await
+        .context("setting up token hashing")
+}
+
+async fn open_backend(db: &DbArgs) -> anyhow::Result<AnyStore> {
     match &db.pg_url {
         Some(url) => {
             let cfg = PgConfig {

@@ -7,7 +7,7 @@ mod common;
 use common::{Backend, Harness, answer, batch, summary, windows};
 use edgewise_cloud::RateLimit;
 use edgewise_cloud::{DeviceInfo, IngestOutcome, MetricsSnapshot, ServerConfig};
-use edgewise_protocol::{Batch, Gap, Score};
+use edgewise_protocol::{Batch, Gap, Quantiles, Score};
 use reqwest::StatusCode;
 
 const STREAM: &str = "node-1/temperature";
@@ -475,6 +475,44 @@ async fn scores_and_gaps_are_stored_and_served(b: Backend) {
     assert_eq!(devices[0]["evicted_count"], 12);
 }
 
+async fn quantiles_are_stored_served_and_replaced_by_revisions(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
+    let mut sent = windows("gw-1", STREAM, 2);
+    sent[0].quantiles = Some(Quantiles {
+        p50: sent[0].mean,
+        p90: sent[0].max,
+        p99: sent[0].max,
+        relative_error: 0.01,
+    });
+    let a = h
+        .post_ingest(Some(&token), batch("gw-1", sent.clone()))
+        .await;
+    assert_eq!(parse_outcome(&a.body), outcome(2, 0, 0));
+    let stored = h.summaries("").await;
+    assert_eq!(
+        (&stored[0].summary, &stored[1].summary),
+        (&sent[0], &sent[1])
+    );
+    let raw = h.get("/v1/summaries").await.json();
+    assert_eq!(raw[0]["quantiles"]["relative_error"], 0.01);
+    assert!(raw[1]["quantiles"].is_null());
+    // A revision (late readings) carries its own quantiles, or none.
+    let mut rev1 = sent[1].clone();
+    rev1.revision = 1;
+    rev1.quantiles = Some(Quantiles {
+        p50: rev1.min,
+        p90: rev1.mean,
+        p99: rev1.max,
+        relative_error: 0.02,
+    });
+    let a = h
+        .post_ingest(Some(&token), batch("gw-1", vec![rev1.clone()]))
+        .await;
+    assert_eq!(parse_outcome(&a.body), outcome(0, 0, 1));
+    assert_eq!(h.summaries("").await[1].summary, rev1);
+}
+
 async fn a_foreign_or_invalid_gap_refuses_the_batch(b: Backend) {
     let h = Harness::start(b).await;
     let token = h.add_device("gw-1").await;
@@ -549,6 +587,7 @@ on_both_backends!(
     stop_closes_the_listener,
     scores_and_gaps_are_stored_and_served,
     a_foreign_or_invalid_gap_refuses_the_batch,
+    quantiles_are_stored_served_and_replaced_by_revisions,
     pages_follow_the_next_cursor_header_to_the_end,
 );
 
@@ -696,6 +735,7 @@ async fn openapi_document_lists_exactly_the_routes_served(b: Backend) {
     for name in [
         "StoredSummary",
         "StoredGap",
+        "QuantilesJson",
         "DeviceInfo",
         "IngestOutcome",
         "ErrorBody",

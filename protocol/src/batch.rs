@@ -179,7 +179,7 @@ mod tests {
                 window_end_ms: start.wrapping_add(1000), revision: rev, count,
                 min: vals[0], max: vals[1], mean: vals[2], stddev: vals[3],
                 first_value: vals[4], first_time_ms: start, last_value: vals[5],
-                last_time_ms: start, unit, score: None,
+                last_time_ms: start, unit, score: None, quantiles: None,
             };
             let b = Batch::new("gw".to_string(), 0, vec![s]);
             prop_assert_eq!(Batch::from_cbor(&b.to_cbor()).unwrap(), b);

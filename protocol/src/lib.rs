@@ -30,4 +30,4 @@ pub mod summary;
 #[cfg(feature = "alloc")]
 pub use batch::{BATCH_VERSION, Batch, BatchError, Gap};
 #[cfg(feature = "alloc")]
-pub use summary::{InvalidSummary, Reading, Score, SummaryId, WindowSummary};
+pub use summary::{InvalidSummary, Quantiles, Reading, Score, SummaryId, WindowSummary};

@@ -61,6 +61,28 @@ pub struct WindowSummary {
     /// The agent's anomaly score for this window, when a model scored it.
     #[n(15)]
     pub score: Option<Score>,
+    /// Estimated quantiles of the window's values, when the agent is configured to compute them.
+    /// Absent in summaries from agents that do not (older batches decode with `None`).
+    #[n(16)]
+    pub quantiles: Option<Quantiles>,
+}
+
+/// Quantiles of one window's values from a mergeable sketch (DDSketch): each estimate `e` of the
+/// true quantile value `x` satisfies `|e - x| <= relative_error * |x|` (values within `1e-9` of
+/// zero count as zero). The true quantile is the value at rank `floor(q * (count - 1))` of the
+/// sorted values (0-based).
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+#[cbor(map)]
+pub struct Quantiles {
+    #[n(0)]
+    pub p50: f64,
+    #[n(1)]
+    pub p90: f64,
+    #[n(2)]
+    pub p99: f64,
+    /// The sketch's relative error bound, e.g. `0.01` for 1%.
+    #[n(3)]
+    pub relative_error: f64,
 }
 
 /// An anomaly score from the agent's model.
@@ -135,7 +157,9 @@ impl core::fmt::Display for InvalidSummary {
             Self::EmptyWindow => f.write_str("window_end_ms is not after window_start_ms"),
             Self::ZeroCount => f.write_str("count is 0"),
             Self::NotFinite(field) => write!(f, "{field} is not a finite number"),
-            Self::Inconsistent => f.write_str("statistics are inconsistent (min <= mean <= max)"),
+            Self::Inconsistent => f.write_str(
+                "statistics are inconsistent (min <= mean, first, last, p50 <= p90 <= p99 <= max)",
+            ),
             Self::TimeOutsideWindow => f.write_str("first or last time is outside the window"),
         }
     }
@@ -193,6 +217,13 @@ impl WindowSummary {
             ("first_value", self.first_value),
             ("last_value", self.last_value),
             ("score", self.score.as_ref().map_or(0.0, |s| s.value)),
+            ("p50", self.quantiles.as_ref().map_or(0.0, |q| q.p50)),
+            ("p90", self.quantiles.as_ref().map_or(0.0, |q| q.p90)),
+            ("p99", self.quantiles.as_ref().map_or(0.0, |q| q.p99)),
+            (
+                "relative_error",
+                self.quantiles.as_ref().map_or(0.0, |q| q.relative_error),
+            ),
         ] {
             if !v.is_finite() {
                 return Err(InvalidSummary::NotFinite(name));
@@ -206,6 +237,15 @@ impl WindowSummary {
             || !within(self.first_value)
             || !within(self.last_value)
             || self.stddev < 0.0
+        {
+            return Err(InvalidSummary::Inconsistent);
+        }
+        if let Some(q) = &self.quantiles
+            && !(q.p50 <= q.p90
+                && q.p90 <= q.p99
+                && within(q.p50)
+                && within(q.p99)
+                && (0.0..1.0).contains(&q.relative_error))
         {
             return Err(InvalidSummary::Inconsistent);
         }
@@ -240,6 +280,7 @@ pub(crate) mod tests {
             last_time_ms: 1_700_000_009_500,
             unit: Some("Cel".to_string()),
             score: None,
+            quantiles: None,
         }
     }
 
@@ -287,5 +328,47 @@ pub(crate) mod tests {
             model: "m@1".to_string(),
         });
         assert_eq!(s.validate(), Err(InvalidSummary::NotFinite("score")));
+        let good = Quantiles {
+            p50: 21.0,
+            p90: 21.8,
+            p99: 22.0,
+            relative_error: 0.01,
+        };
+        let mut s = sample();
+        s.quantiles = Some(good.clone());
+        assert_eq!(s.validate(), Ok(()));
+        s.quantiles = Some(Quantiles {
+            p90: 20.5,
+            ..good.clone()
+        });
+        assert_eq!(s.validate(), Err(InvalidSummary::Inconsistent));
+        s.quantiles = Some(Quantiles {
+            p99: 30.0,
+            ..good.clone()
+        });
+        assert_eq!(s.validate(), Err(InvalidSummary::Inconsistent));
+        s.quantiles = Some(Quantiles {
+            p50: f64::NAN,
+            ..good
+        });
+        assert_eq!(s.validate(), Err(InvalidSummary::NotFinite("p50")));
+    }
+
+    #[test]
+    fn quantiles_are_optional_on_the_wire() {
+        let mut s = sample();
+        let without = minicbor::to_vec(&s).unwrap();
+        // An older encoder's summary (no field 16) decodes with no quantiles.
+        let old: WindowSummary = minicbor::decode(&without).unwrap();
+        assert_eq!(old.quantiles, None);
+        s.quantiles = Some(Quantiles {
+            p50: 21.0,
+            p90: 21.5,
+            p99: 22.0,
+            relative_error: 0.01,
+        });
+        let with = minicbor::to_vec(&s).unwrap();
+        assert!(with.len() > without.len());
+        assert_eq!(minicbor::decode::<WindowSummary>(&with).unwrap(), s);
     }
 }

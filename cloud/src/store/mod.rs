@@ -24,7 +24,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use edgewise_protocol::{Gap, Score, WindowSummary};
+use edgewise_protocol::{Gap, Quantiles, Score, WindowSummary};
 use serde::{Deserialize, Serialize};
 
 pub mod postgres;
@@ -60,6 +60,11 @@ pub enum StoreError {
     SchemaTooNew { found: i64, known: i64 },
     #[error("device id is invalid: {0}")]
     InvalidDeviceId(&'static str),
+    #[error(
+        "{keyed} device token(s) in this database are stored as keyed hashes: the token key \
+         (--token-key-file) is required"
+    )]
+    TokenKeyRequired { keyed: usize },
     #[error("device {0:?} already exists")]
     DeviceExists(String),
     #[error("device {0:?} does not exist")]
@@ -209,8 +214,8 @@ impl Default for GapQuery {
 /// A summary as stored, with who sent it and when it arrived.
 ///
 /// Serializes to JSON as one flat object: `id` (hex [`edgewise_protocol::SummaryId`]),
-/// `device_id`, every [`WindowSummary`] field (`score` as `{value, alert, model}` or null), and
-/// `received_at_ms`.
+/// `device_id`, every [`WindowSummary`] field (`score` as `{value, alert, model}` or null,
+/// `quantiles` as `{p50, p90, p99, relative_error}` or null), and `received_at_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(into = "FlatSummary", from = "FlatSummary")]
 pub struct StoredSummary {
@@ -244,7 +249,20 @@ pub struct FlatSummary {
     unit: Option<String>,
     #[serde(default)]
     score: Option<ScoreJson>,
+    /// Quantile estimates, or null when the agent computes none.
+    #[serde(default)]
+    quantiles: Option<QuantilesJson>,
     received_at_ms: i64,
+}
+
+/// The JSON shape of [`Quantiles`]: each estimate is within `relative_error` (relative) of the
+/// true quantile of the window's values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct QuantilesJson {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub relative_error: f64,
 }
 
 /// The JSON shape of a [`Score`].
@@ -282,6 +300,12 @@ impl From<StoredSummary> for FlatSummary {
                 alert: s.alert,
                 model: s.model,
             }),
+            quantiles: w.quantiles.map(|q| QuantilesJson {
+                p50: q.p50,
+                p90: q.p90,
+                p99: q.p99,
+                relative_error: q.relative_error,
+            }),
             received_at_ms: s.received_at_ms,
         }
     }
@@ -311,6 +335,12 @@ impl From<FlatSummary> for StoredSummary {
                     value: s.value,
                     alert: s.alert,
                     model: s.model,
+                }),
+                quantiles: f.quantiles.map(|q| Quantiles {
+                    p50: q.p50,
+                    p90: q.p90,
+                    p99: q.p99,
+                    relative_error: q.relative_error,
                 }),
             },
             received_at_ms: f.received_at_ms,
@@ -359,12 +389,10 @@ pub trait Storage: Clone + Send + Sync + 'static {
         &self,
         token: String,
     ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
-    /// Stores a batch in one transaction (see the module invariants).
+    /// Stores a checked batch in one transaction (see the module invariants).
     fn store_batch(
         &self,
-        device_id: String,
-        summaries: Vec<WindowSummary>,
-        gaps: Vec<Gap>,
+        batch: CheckedBatch,
     ) -> impl Future<Output = Result<IngestOutcome, StoreError>> + Send;
     fn find_summaries(
         &self,
@@ -408,14 +436,9 @@ impl Storage for Store {
         let s = self.clone();
         blocking(move || s.authenticate(&token)).await
     }
-    async fn store_batch(
-        &self,
-        device_id: String,
-        summaries: Vec<WindowSummary>,
-        gaps: Vec<Gap>,
-    ) -> Result<IngestOutcome, StoreError> {
+    async fn store_batch(&self, batch: CheckedBatch) -> Result<IngestOutcome, StoreError> {
         let s = self.clone();
-        blocking(move || s.ingest_batch(&device_id, &summaries, &gaps)).await
+        blocking(move || s.store_checked(&batch)).await
     }
     async fn find_summaries(
         &self,
@@ -452,13 +475,8 @@ impl Storage for PgStore {
     async fn authenticate(&self, token: String) -> Result<Option<String>, StoreError> {
         PgStore::authenticate(self, &token).await
     }
-    async fn store_batch(
-        &self,
-        device_id: String,
-        summaries: Vec<WindowSummary>,
-        gaps: Vec<Gap>,
-    ) -> Result<IngestOutcome, StoreError> {
-        self.ingest_batch(&device_id, &summaries, &gaps).await
+    async fn store_batch(&self, batch: CheckedBatch) -> Result<IngestOutcome, StoreError> {
+        self.store_checked(&batch).await
     }
     async fn find_summaries(
         &self,
@@ -499,6 +517,32 @@ impl From<PgStore> for AnyStore {
     }
 }
 
+impl AnyStore {
+    /// See [`Store::with_token_hasher`].
+    pub async fn with_token_hasher(
+        self,
+        hasher: crate::auth::TokenHasher,
+    ) -> Result<AnyStore, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => {
+                blocking(move || s.with_token_hasher(hasher).map(AnyStore::Sqlite)).await
+            }
+            AnyStore::Postgres(s) => s.with_token_hasher(hasher).await.map(AnyStore::Postgres),
+        }
+    }
+
+    /// See [`Store::rotate_token`].
+    pub async fn rotate_token(&self, device_id: String) -> Result<String, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => {
+                let s = s.clone();
+                blocking(move || s.rotate_token(&device_id)).await
+            }
+            AnyStore::Postgres(s) => s.rotate_token(&device_id).await,
+        }
+    }
+}
+
 macro_rules! dispatch {
     ($self:ident, $s:ident => $call:expr) => {
         match $self {
@@ -521,13 +565,8 @@ impl Storage for AnyStore {
     async fn authenticate(&self, token: String) -> Result<Option<String>, StoreError> {
         dispatch!(self, s => Storage::authenticate(s, token))
     }
-    async fn store_batch(
-        &self,
-        device_id: String,
-        summaries: Vec<WindowSummary>,
-        gaps: Vec<Gap>,
-    ) -> Result<IngestOutcome, StoreError> {
-        dispatch!(self, s => s.store_batch(device_id, summaries, gaps))
+    async fn store_batch(&self, batch: CheckedBatch) -> Result<IngestOutcome, StoreError> {
+        dispatch!(self, s => s.store_batch(batch))
     }
     async fn find_summaries(
         &self,
@@ -640,28 +679,77 @@ pub(crate) fn check_device_id(id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Keeps, per window key, only the highest revision of a batch, in first-seen order; returns the
-/// kept summaries and how many were dropped as duplicates within the batch itself.
-pub(crate) fn dedup_batch(summaries: &[WindowSummary]) -> (Vec<&WindowSummary>, u64) {
-    let mut index: std::collections::HashMap<(&str, i64), usize> =
-        std::collections::HashMap::with_capacity(summaries.len());
-    let mut kept: Vec<&WindowSummary> = Vec::with_capacity(summaries.len());
-    let mut dropped = 0;
-    for s in summaries {
-        match index.get(&(s.stream.as_str(), s.window_start_ms)) {
-            Some(&i) => {
-                dropped += 1;
-                if s.revision > kept[i].revision {
-                    kept[i] = s;
-                }
-            }
-            None => {
-                index.insert((s.stream.as_str(), s.window_start_ms), kept.len());
-                kept.push(s);
-            }
-        }
+/// A batch that passed [`check_batch`], ready to store: its summaries deduplicated (only the
+/// highest revision of each window is kept) and sorted by `(stream, window_start_ms)`, each with
+/// its hex [`edgewise_protocol::SummaryId`].
+///
+/// Backends take only this type, so the checks, the deduplication and the per-summary hashing
+/// run once per batch, before any database lock or connection is taken. The sort order is the
+/// primary key's order (within one device): B-tree inserts walk the index in order, and
+/// concurrent transactions that touch the same rows take their locks in the same order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedBatch {
+    device_id: String,
+    summaries: Vec<WindowSummary>,
+    ids: Vec<String>,
+    gaps: Vec<Gap>,
+    in_batch_duplicates: u64,
+}
+
+impl CheckedBatch {
+    /// Checks `device_id`'s batch ([`check_batch`]) and prepares it for storage.
+    pub fn new(
+        device_id: String,
+        mut summaries: Vec<WindowSummary>,
+        gaps: Vec<Gap>,
+    ) -> Result<CheckedBatch, StoreError> {
+        check_batch(&device_id, &summaries, &gaps)?;
+        let received = summaries.len();
+        // Highest revision first within a key, so dedup keeps it.
+        summaries.sort_unstable_by(|a, b| {
+            (a.stream.as_str(), a.window_start_ms)
+                .cmp(&(b.stream.as_str(), b.window_start_ms))
+                .then(b.revision.cmp(&a.revision))
+        });
+        summaries.dedup_by(|later, kept| {
+            later.window_start_ms == kept.window_start_ms && later.stream == kept.stream
+        });
+        let ids = summaries.iter().map(|s| hex::encode(s.id().0)).collect();
+        Ok(CheckedBatch {
+            device_id,
+            in_batch_duplicates: (received - summaries.len()) as u64,
+            summaries,
+            ids,
+            gaps,
+        })
     }
-    (kept, dropped)
+
+    /// The device writing the batch (every record is its own).
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
+    /// One summary per window, in key order.
+    pub fn summaries(&self) -> &[WindowSummary] {
+        &self.summaries
+    }
+
+    /// The summaries with their hex ids.
+    pub fn summaries_with_ids(&self) -> impl Iterator<Item = (&WindowSummary, &str)> {
+        self.summaries
+            .iter()
+            .zip(self.ids.iter().map(String::as_str))
+    }
+
+    pub fn gaps(&self) -> &[Gap] {
+        &self.gaps
+    }
+
+    /// Summaries dropped because the batch itself held a higher or equal revision of the same
+    /// window: counted as duplicates.
+    pub fn in_batch_duplicates(&self) -> u64 {
+        self.in_batch_duplicates
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before 1970).
@@ -709,6 +797,60 @@ mod tests {
         let mut no_reason = gap("gw-1", 1);
         no_reason.reason.clear();
         assert!(check_batch("gw-1", &[], &[no_reason]).is_err());
+    }
+
+    fn summary(stream: &str, start_ms: i64, revision: u32) -> WindowSummary {
+        WindowSummary {
+            agent_id: "gw-1".to_owned(),
+            stream: stream.to_owned(),
+            window_start_ms: start_ms,
+            window_end_ms: start_ms + 10_000,
+            revision,
+            count: 3,
+            min: 1.0,
+            max: 3.0,
+            mean: 2.0,
+            stddev: 0.8,
+            first_value: 1.0,
+            first_time_ms: start_ms,
+            last_value: 3.0,
+            last_time_ms: start_ms + 9_000,
+            unit: None,
+            score: None,
+            quantiles: None,
+        }
+    }
+
+    #[test]
+    fn checked_batch_keeps_the_highest_revision_of_each_window_in_key_order() {
+        let batch = CheckedBatch::new(
+            "gw-1".to_owned(),
+            vec![
+                summary("b", 0, 0),
+                summary("a", 10_000, 1),
+                summary("b", 0, 2),
+                summary("a", 0, 0),
+                summary("b", 0, 1),
+                summary("a", 10_000, 1),
+            ],
+            vec![gap("gw-1", 1)],
+        )
+        .unwrap();
+        let kept: Vec<(&str, i64, u32)> = batch
+            .summaries()
+            .iter()
+            .map(|s| (s.stream.as_str(), s.window_start_ms, s.revision))
+            .collect();
+        assert_eq!(kept, [("a", 0, 0), ("a", 10_000, 1), ("b", 0, 2)]);
+        assert_eq!(batch.in_batch_duplicates(), 3);
+        assert_eq!(batch.gaps().len(), 1);
+        for (s, id) in batch.summaries_with_ids() {
+            assert_eq!(id, s.id().to_string());
+        }
+        assert!(matches!(
+            CheckedBatch::new("gw-2".to_owned(), vec![summary("a", 0, 0)], vec![]),
+            Err(StoreError::ForeignSummary { index: 0, .. })
+        ));
     }
 
     #[test]

@@ -1,17 +1,23 @@
 //! The PostgreSQL backend: [`PgStore`], a connection pool (deadpool-postgres over
 //! tokio-postgres) that many stateless receivers share.
 //!
-//! Migrations: the same versions as SQLite (v1 devices and summaries, v2 scores and gaps),
-//! applied at start inside one transaction per version that first takes
-//! `LOCK TABLE schema_migrations`, so replicas starting together apply each version once.
+//! Migrations: the same versions as SQLite (v1 devices and summaries, v2 scores and gaps, v3
+//! quantiles, v4 a partial alerts index; here v4 also drops the per-row foreign key from
+//! summaries to devices, see its comment), applied at start inside one transaction per version
+//! that first takes `LOCK TABLE schema_migrations`, so replicas starting together apply each
+//! version once.
 //!
 //! Ingest, in ONE transaction per batch:
 //! 1. `UPDATE devices SET last_seen_ms` takes the device's row lock, so two replicas storing the
 //!    same device's batches run one after the other (no deadlocks, no lost revisions).
-//! 2. The batch is deduplicated (highest revision per window), sorted by key, and written with
-//!    multi-row `INSERT .. ON CONFLICT DO NOTHING RETURNING key`: returned rows are new.
-//! 3. The rest go through `INSERT .. ON CONFLICT DO UPDATE .. WHERE stored.revision <
-//!    new.revision RETURNING key`: returned rows are revisions, the others duplicates.
+//! 2. The batch, already deduplicated (highest revision per window) and sorted by key by
+//!    [`CheckedBatch`], is written by ONE statement whatever its size: `INSERT .. SELECT ..
+//!    FROM UNNEST($3::text[], $4::bigint[], ..) ON CONFLICT DO NOTHING`, one array parameter per
+//!    column. The rows it affects are the new windows.
+//! 3. Only if some were not new, the same arrays go through `INSERT .. ON CONFLICT DO UPDATE
+//!    .. WHERE stored.revision < new.revision`: the rows it affects are revisions (a row that
+//!    step 2 has just inserted has the same revision, so it is not touched), and the rest are
+//!    duplicates.
 //!
 //! So the sum of `inserted` over every replica equals the number of distinct windows stored,
 //! whatever the retries and overlaps: `tests/replicas.rs` checks exactly that.
@@ -21,25 +27,28 @@
 //! broken connections and opens new ones on the next request, so a receiver recovers without
 //! a restart of its own.
 //!
-//! The SQL is plain (no `COPY`, no PG-only types), so it runs on Citus or TimescaleDB too.
+//! The SQL is plain (`UNNEST` of arrays, no `COPY`, no temporary tables, no PG-only column
+//! types), so it runs on Citus or TimescaleDB too.
 //! Tested by the shared HTTP suite (`tests/api.rs`) and `tests/replicas.rs`, when
 //! `EDGEWISE_TEST_PG_URL` names a server.
 
-use std::collections::HashSet;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use edgewise_protocol::{Gap, Score, WindowSummary};
+use edgewise_protocol::{Gap, Quantiles, Score, WindowSummary};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::sqlite::{Arg, DEVICES_SQL, gap_from_parts, gap_sql, streams_json, summary_sql};
-use super::{
-    DeviceInfo, GapQuery, IngestOutcome, StoreError, StoredGap, StoredSummary, SummaryFilter,
-    check_batch, check_device_id, dedup_batch, now_ms,
+use super::sqlite::{
+    Arg, DEVICES_SQL, ROW_COLUMNS, gap_from_parts, gap_sql, streams_json, summary_sql,
 };
-use crate::auth::{DeviceToken, TokenHash};
+use super::{
+    CheckedBatch, DeviceInfo, GapQuery, IngestOutcome, StoreError, StoredGap, StoredSummary,
+    SummaryFilter, check_device_id, now_ms,
+};
+use crate::auth::{DeviceToken, TokenHash, TokenHasher};
 
 /// Schema migrations, applied in order; `MIGRATIONS[i]` takes the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -89,18 +98,23 @@ const MIGRATIONS: &[&str] = &[
          received_at_ms BIGINT NOT NULL,
          PRIMARY KEY (device_id, seq)
      );",
+    // v3: quantile estimates on summaries (NULL when the agent computes none).
+    "ALTER TABLE summaries ADD COLUMN q_p50 DOUBLE PRECISION;
+     ALTER TABLE summaries ADD COLUMN q_p90 DOUBLE PRECISION;
+     ALTER TABLE summaries ADD COLUMN q_p99 DOUBLE PRECISION;
+     ALTER TABLE summaries ADD COLUMN q_relative_error DOUBLE PRECISION;",
+    // v4: only alerts in the alerts index (as on SQLite), and no per-row foreign key check
+    // from summaries to devices: PostgreSQL runs that check as a trigger query per inserted
+    // row (about a fifth of the insert's cost here), while ingest already checks the device
+    // once per batch, holding its row lock (`UPDATE devices` first), and devices are never
+    // deleted (revoking keeps the row).
+    "DROP INDEX summaries_alerts;
+     CREATE INDEX summaries_alerts ON summaries (window_start_ms) WHERE score_alert = 1;
+     ALTER TABLE summaries DROP CONSTRAINT IF EXISTS summaries_device_id_fkey;",
 ];
 
 /// The number of schema versions this build knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
-
-/// Summary columns written per row.
-const INSERT_COLUMNS: &str = "device_id, stream, window_start_ms, window_end_ms, revision, count,
-     min, max, mean, stddev, first_value, first_time_ms, last_value, last_time_ms,
-     unit, summary_id, received_at_ms, score_value, score_alert, score_model";
-const PARAMS_PER_ROW: usize = 20;
-/// Rows per multi-row INSERT (PostgreSQL allows 65,535 parameters per statement).
-const ROWS_PER_STATEMENT: usize = 1_000;
 
 /// Pool settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +138,7 @@ impl Default for PgConfig {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    hasher: TokenHasher,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -191,7 +206,10 @@ impl PgStore {
             .recycle_timeout(Some(cfg.timeout))
             .build()
             .map_err(|e| StoreError::BadUrl(e.to_string()))?;
-        let store = PgStore { pool };
+        let store = PgStore {
+            pool,
+            hasher: TokenHasher::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -273,6 +291,40 @@ impl PgStore {
         Ok(row.get(0))
     }
 
+    /// [`crate::Store::with_token_hasher`] for PostgreSQL. Replicas migrating at the same time
+    /// are harmless: each row is rewritten only while it still holds its plain hash.
+    pub async fn with_token_hasher(mut self, hasher: TokenHasher) -> Result<PgStore, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let rows = tx.query("SELECT id, token_hash FROM devices", &[]).await?;
+        let keyed = rows
+            .iter()
+            .filter(|r| TokenHash::is_keyed(r.get::<_, &str>(1)))
+            .count();
+        if !hasher.is_keyed() && keyed > 0 {
+            return Err(StoreError::TokenKeyRequired { keyed });
+        }
+        let mut upgraded = 0;
+        for row in &rows {
+            let (id, stored): (&str, &str) = (row.get(0), row.get(1));
+            if let Some(new) = hasher.upgrade(stored) {
+                upgraded += tx
+                    .execute(
+                        "UPDATE devices SET token_hash = $1 WHERE id = $2 AND token_hash = $3",
+                        &[&new.as_hex(), &id, &stored],
+                    )
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        if upgraded > 0 {
+            tracing::info!(upgraded, "device token hashes migrated to the keyed format");
+        }
+        drop(client);
+        self.hasher = hasher;
+        Ok(self)
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.client().await?.simple_query("SELECT 1").await?;
         Ok(())
@@ -285,7 +337,11 @@ impl PgStore {
         let result = client
             .execute(
                 "INSERT INTO devices (id, token_hash, created_at_ms) VALUES ($1, $2, $3)",
-                &[&device_id, &token.hash().as_hex(), &now_ms()],
+                &[
+                    &device_id,
+                    &self.hasher.hash(token.as_str()).as_hex(),
+                    &now_ms(),
+                ],
             )
             .await;
         match result {
@@ -295,6 +351,23 @@ impl PgStore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// See [`crate::Store::rotate_token`].
+    pub async fn rotate_token(&self, device_id: &str) -> Result<String, StoreError> {
+        let token = DeviceToken::generate();
+        let changed = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE devices SET token_hash = $1, revoked = 0 WHERE id = $2",
+                &[&self.hasher.hash(token.as_str()).as_hex(), &device_id],
+            )
+            .await?;
+        if changed == 0 {
+            return Err(StoreError::UnknownDevice(device_id.to_owned()));
+        }
+        Ok(token.into_string())
     }
 
     pub async fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError> {
@@ -309,7 +382,7 @@ impl PgStore {
     }
 
     pub async fn authenticate(&self, token: &str) -> Result<Option<String>, StoreError> {
-        let hash = TokenHash::of(token);
+        let hash = self.hasher.hash(token);
         let client = self.client().await?;
         let row = client
             .query_opt(
@@ -323,16 +396,22 @@ impl PgStore {
         }))
     }
 
+    /// Checks and stores a batch (see [`PgStore::store_checked`]).
     pub async fn ingest_batch(
         &self,
         device_id: &str,
         summaries: &[WindowSummary],
         gaps: &[Gap],
     ) -> Result<IngestOutcome, StoreError> {
-        check_batch(device_id, summaries, gaps)?;
-        let (mut kept, in_batch_duplicates) = dedup_batch(summaries);
-        kept.sort_by(|a, b| (&a.stream, a.window_start_ms).cmp(&(&b.stream, b.window_start_ms)));
+        let batch = CheckedBatch::new(device_id.to_owned(), summaries.to_vec(), gaps.to_vec())?;
+        self.store_checked(&batch).await
+    }
+
+    /// Stores a checked batch in one transaction (the module docs give the steps).
+    pub async fn store_checked(&self, batch: &CheckedBatch) -> Result<IngestOutcome, StoreError> {
+        let device_id = batch.device_id();
         let received_at_ms = now_ms();
+        let columns = SummaryColumns::of(batch);
 
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -346,57 +425,21 @@ impl PgStore {
             return Err(StoreError::UnknownDevice(device_id.to_owned()));
         }
         let mut outcome = IngestOutcome {
-            duplicates: in_batch_duplicates,
+            duplicates: batch.in_batch_duplicates(),
             ..IngestOutcome::default()
         };
-        let rows: Vec<SummaryRow> = kept
-            .iter()
-            .map(|s| SummaryRow::new(device_id, s, received_at_ms))
-            .collect();
-        let mut not_new: Vec<&SummaryRow> = Vec::new();
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO summaries ({INSERT_COLUMNS}) VALUES {}
-                 ON CONFLICT (device_id, stream, window_start_ms) DO NOTHING
-                 RETURNING stream, window_start_ms",
-                values_list(chunk.len())
-            );
-            let inserted = keys(
-                &tx.query(&tx.prepare_cached(&sql).await?, &params(chunk))
-                    .await?,
-            );
-            outcome.inserted += inserted.len() as u64;
-            not_new.extend(
-                chunk
-                    .iter()
-                    .filter(|r| !inserted.contains(&(r.stream.clone(), r.window_start_ms))),
-            );
+        let stored = batch.summaries().len() as u64;
+        if stored > 0 {
+            let params = columns.params(&device_id, &received_at_ms);
+            let insert = tx.prepare_cached(&INSERT_NEW_SQL).await?;
+            outcome.inserted = tx.execute(&insert, &params).await?;
+            if outcome.inserted < stored {
+                let revise = tx.prepare_cached(&REVISE_SQL).await?;
+                outcome.revised = tx.execute(&revise, &params).await?;
+                outcome.duplicates += stored - outcome.inserted - outcome.revised;
+            }
         }
-        let not_new: Vec<SummaryRow> = not_new.into_iter().cloned().collect();
-        for chunk in not_new.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO summaries ({INSERT_COLUMNS}) VALUES {}
-                 ON CONFLICT (device_id, stream, window_start_ms) DO UPDATE SET
-                     window_end_ms = EXCLUDED.window_end_ms, revision = EXCLUDED.revision,
-                     count = EXCLUDED.count, min = EXCLUDED.min, max = EXCLUDED.max,
-                     mean = EXCLUDED.mean, stddev = EXCLUDED.stddev,
-                     first_value = EXCLUDED.first_value, first_time_ms = EXCLUDED.first_time_ms,
-                     last_value = EXCLUDED.last_value, last_time_ms = EXCLUDED.last_time_ms,
-                     unit = EXCLUDED.unit, summary_id = EXCLUDED.summary_id,
-                     received_at_ms = EXCLUDED.received_at_ms,
-                     score_value = EXCLUDED.score_value, score_alert = EXCLUDED.score_alert,
-                     score_model = EXCLUDED.score_model
-                 WHERE summaries.revision < EXCLUDED.revision
-                 RETURNING stream, window_start_ms",
-                values_list(chunk.len())
-            );
-            let revised = tx
-                .query(&tx.prepare_cached(&sql).await?, &params(chunk))
-                .await?;
-            outcome.revised += revised.len() as u64;
-            outcome.duplicates += (chunk.len() - revised.len()) as u64;
-        }
-        for g in gaps {
+        for g in batch.gaps() {
             // Checked by check_batch: seq and count fit.
             let seq = i64::try_from(g.seq).unwrap_or(i64::MAX);
             let count = i64::try_from(g.count).unwrap_or(i64::MAX);
@@ -477,52 +520,92 @@ impl PgStore {
     }
 }
 
-/// One summary's insert parameters, owned so the statement can borrow them.
-#[derive(Clone)]
-struct SummaryRow {
-    device_id: String,
-    stream: String,
-    window_start_ms: i64,
-    window_end_ms: i64,
-    revision: i64,
-    count: i64,
-    stats: [f64; 6],
-    first_time_ms: i64,
-    last_time_ms: i64,
-    unit: Option<String>,
-    summary_id: String,
-    received_at_ms: i64,
-    score_value: Option<f64>,
-    score_alert: Option<i32>,
-    score_model: Option<String>,
+/// A batch's summaries as one array per column ([`ROW_COLUMNS`] order), the parameters of
+/// [`INSERT_NEW_SQL`] and [`REVISE_SQL`]. Every array has one entry per summary: `UNNEST` would
+/// pad a shorter one with NULLs.
+struct SummaryColumns<'a> {
+    stream: Vec<&'a str>,
+    window_start_ms: Vec<i64>,
+    window_end_ms: Vec<i64>,
+    revision: Vec<i64>,
+    count: Vec<i64>,
+    /// min, max, mean, stddev, first_value, last_value.
+    stats: [Vec<f64>; 6],
+    first_time_ms: Vec<i64>,
+    last_time_ms: Vec<i64>,
+    unit: Vec<Option<&'a str>>,
+    summary_id: Vec<&'a str>,
+    score_value: Vec<Option<f64>>,
+    score_alert: Vec<Option<i32>>,
+    score_model: Vec<Option<&'a str>>,
+    /// p50, p90, p99, relative error; NULL without quantiles.
+    quantiles: [Vec<Option<f64>>; 4],
 }
 
-impl SummaryRow {
-    fn new(device_id: &str, s: &WindowSummary, received_at_ms: i64) -> Self {
-        SummaryRow {
-            device_id: device_id.to_owned(),
-            stream: s.stream.clone(),
-            window_start_ms: s.window_start_ms,
-            window_end_ms: s.window_end_ms,
-            revision: i64::from(s.revision),
+impl<'a> SummaryColumns<'a> {
+    fn of(batch: &'a CheckedBatch) -> Self {
+        let n = batch.summaries().len();
+        let mut c = SummaryColumns {
+            stream: Vec::with_capacity(n),
+            window_start_ms: Vec::with_capacity(n),
+            window_end_ms: Vec::with_capacity(n),
+            revision: Vec::with_capacity(n),
+            count: Vec::with_capacity(n),
+            stats: std::array::from_fn(|_| Vec::with_capacity(n)),
+            first_time_ms: Vec::with_capacity(n),
+            last_time_ms: Vec::with_capacity(n),
+            unit: Vec::with_capacity(n),
+            summary_id: Vec::with_capacity(n),
+            score_value: Vec::with_capacity(n),
+            score_alert: Vec::with_capacity(n),
+            score_model: Vec::with_capacity(n),
+            quantiles: std::array::from_fn(|_| Vec::with_capacity(n)),
+        };
+        for (s, id) in batch.summaries_with_ids() {
+            c.stream.push(&s.stream);
+            c.window_start_ms.push(s.window_start_ms);
+            c.window_end_ms.push(s.window_end_ms);
+            c.revision.push(i64::from(s.revision));
             // Checked by check_batch: the count fits.
-            count: i64::try_from(s.count).unwrap_or(i64::MAX),
-            stats: [s.min, s.max, s.mean, s.stddev, s.first_value, s.last_value],
-            first_time_ms: s.first_time_ms,
-            last_time_ms: s.last_time_ms,
-            unit: s.unit.clone(),
-            summary_id: s.id().to_string(),
-            received_at_ms,
-            score_value: s.score.as_ref().map(|x| x.value),
-            score_alert: s.score.as_ref().map(|x| i32::from(x.alert)),
-            score_model: s.score.as_ref().map(|x| x.model.clone()),
+            c.count.push(i64::try_from(s.count).unwrap_or(i64::MAX));
+            let stats = [s.min, s.max, s.mean, s.stddev, s.first_value, s.last_value];
+            for (column, v) in c.stats.iter_mut().zip(stats) {
+                column.push(v);
+            }
+            c.first_time_ms.push(s.first_time_ms);
+            c.last_time_ms.push(s.last_time_ms);
+            c.unit.push(s.unit.as_deref());
+            c.summary_id.push(id);
+            c.score_value.push(s.score.as_ref().map(|x| x.value));
+            c.score_alert
+                .push(s.score.as_ref().map(|x| i32::from(x.alert)));
+            c.score_model
+                .push(s.score.as_ref().map(|x| x.model.as_str()));
+            let q = s.quantiles.as_ref();
+            let quantiles = [
+                q.map(|q| q.p50),
+                q.map(|q| q.p90),
+                q.map(|q| q.p99),
+                q.map(|q| q.relative_error),
+            ];
+            for (column, v) in c.quantiles.iter_mut().zip(quantiles) {
+                column.push(v);
+            }
         }
+        c
     }
 
-    fn push_params<'a>(&'a self, out: &mut Vec<&'a (dyn ToSql + Sync)>) {
+    /// `$1` device id, `$2` received at, then one array per [`ROW_COLUMNS`] entry.
+    fn params<'p>(
+        &'p self,
+        device_id: &'p &str,
+        received_at_ms: &'p i64,
+    ) -> [&'p (dyn ToSql + Sync); 2 + ROW_COLUMNS.len()] {
         let [min, max, mean, stddev, first_value, last_value] = &self.stats;
-        out.extend_from_slice(&[
-            &self.device_id,
+        let [p50, p90, p99, relative_error] = &self.quantiles;
+        [
+            device_id,
+            received_at_ms,
             &self.stream,
             &self.window_start_ms,
             &self.window_end_ms,
@@ -538,47 +621,59 @@ impl SummaryRow {
             &self.last_time_ms,
             &self.unit,
             &self.summary_id,
-            &self.received_at_ms,
             &self.score_value,
             &self.score_alert,
             &self.score_model,
-        ]);
+            p50,
+            p90,
+            p99,
+            relative_error,
+        ]
     }
 }
 
-fn params(rows: &[SummaryRow]) -> Vec<&(dyn ToSql + Sync)> {
-    let mut out = Vec::with_capacity(rows.len() * PARAMS_PER_ROW);
-    for r in rows {
-        r.push_params(&mut out);
-    }
-    out
+/// The PostgreSQL type of each [`ROW_COLUMNS`] entry.
+const ROW_TYPES: [&str; ROW_COLUMNS.len()] = [
+    "text", "bigint", "bigint", "bigint", "bigint", "float8", "float8", "float8", "float8",
+    "float8", "bigint", "float8", "bigint", "text", "text", "float8", "integer", "text", "float8",
+    "float8", "float8", "float8",
+];
+
+/// `INSERT INTO summaries (..) SELECT $1, $2, * FROM UNNEST($3::text[], ..)`: the whole batch
+/// in one statement with a fixed parameter list, whatever its size.
+fn insert_from_arrays() -> String {
+    let arrays: Vec<String> = ROW_TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("${}::{t}[]", i + 3))
+        .collect();
+    format!(
+        "INSERT INTO summaries (device_id, received_at_ms, {})
+         SELECT $1::text, $2::bigint, * FROM UNNEST({})
+         ON CONFLICT (device_id, stream, window_start_ms)",
+        ROW_COLUMNS.join(", "),
+        arrays.join(", ")
+    )
 }
 
-/// `($1, .., $20), ($21, .., $40), ..` for `rows` rows.
-fn values_list(rows: usize) -> String {
-    let mut s = String::with_capacity(rows * PARAMS_PER_ROW * 5);
-    for r in 0..rows {
-        if r > 0 {
-            s.push_str(", ");
-        }
-        s.push('(');
-        for c in 0..PARAMS_PER_ROW {
-            if c > 0 {
-                s.push_str(", ");
-            }
-            s.push('$');
-            s.push_str(&(r * PARAMS_PER_ROW + c + 1).to_string());
-        }
-        s.push(')');
-    }
-    s
-}
+/// New windows only.
+static INSERT_NEW_SQL: LazyLock<String> =
+    LazyLock::new(|| format!("{} DO NOTHING", insert_from_arrays()));
 
-fn keys(rows: &[Row]) -> HashSet<(String, i64)> {
-    rows.iter()
-        .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
-        .collect()
-}
+/// Higher revisions replace stored windows; anything else is left alone.
+static REVISE_SQL: LazyLock<String> = LazyLock::new(|| {
+    let set: Vec<String> = ROW_COLUMNS
+        .iter()
+        .chain(&["received_at_ms"])
+        .filter(|c| !matches!(**c, "stream" | "window_start_ms"))
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect();
+    format!(
+        "{} DO UPDATE SET {} WHERE summaries.revision < EXCLUDED.revision",
+        insert_from_arrays(),
+        set.join(", ")
+    )
+});
 
 fn sql_args(args: &[Arg]) -> Vec<&(dyn ToSql + Sync)> {
     args.iter()
@@ -607,6 +702,15 @@ fn summary_from_row(r: &Row) -> Result<StoredSummary, StoreError> {
             model: r.try_get::<_, Option<String>>(18)?.unwrap_or_default(),
         }),
     };
+    let quantiles = match r.try_get::<_, Option<f64>>(19)? {
+        None => None,
+        Some(p50) => Some(Quantiles {
+            p50,
+            p90: r.try_get::<_, Option<f64>>(20)?.unwrap_or(p50),
+            p99: r.try_get::<_, Option<f64>>(21)?.unwrap_or(p50),
+            relative_error: r.try_get::<_, Option<f64>>(22)?.unwrap_or(0.0),
+        }),
+    };
     Ok(StoredSummary {
         summary: WindowSummary {
             agent_id: device_id.clone(),
@@ -625,6 +729,7 @@ fn summary_from_row(r: &Row) -> Result<StoredSummary, StoreError> {
             last_time_ms: r.try_get(13)?,
             unit: r.try_get(14)?,
             score,
+            quantiles,
         },
         device_id,
         received_at_ms: r.try_get(15)?,
@@ -636,11 +741,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn values_list_numbers_every_parameter() {
-        assert_eq!(values_list(0), "");
-        let two = values_list(2);
-        assert!(two.starts_with("($1, $2, "));
-        assert!(two.contains("$20), ($21, "));
-        assert!(two.ends_with("$40)"));
+    fn array_insert_names_each_column_once_with_its_type() {
+        assert!(INSERT_NEW_SQL.contains("$20::text[]"));
+        assert!(INSERT_NEW_SQL.contains("$24::float8[]"));
+        assert!(!INSERT_NEW_SQL.contains("$25"));
+        assert!(INSERT_NEW_SQL.contains("$19::integer[]"));
+        assert!(REVISE_SQL.contains("received_at_ms = EXCLUDED.received_at_ms"));
+        assert!(REVISE_SQL.contains("q_relative_error = EXCLUDED.q_relative_error"));
+        assert!(!REVISE_SQL.contains("stream = EXCLUDED"));
+        assert!(!REVISE_SQL.contains("window_start_ms = EXCLUDED"));
+        assert!(REVISE_SQL.ends_with("WHERE summaries.revision < EXCLUDED.revision"));
     }
 }

@@ -1,8 +1,9 @@
 //! The SQLite backend: [`Store`], one database file.
 //!
-//! WAL journal, `synchronous=NORMAL`, a 5 s busy timeout. The schema is created by versioned
-//! migrations recorded in `schema_migrations` (v1 devices and summaries; v2 scores and gaps); a
-//! file written by a newer build is refused rather than guessed at.
+//! WAL journal, `synchronous=NORMAL`, statement journals in memory, a 5 s busy timeout. The
+//! schema is created by versioned migrations recorded in `schema_migrations` (v1 devices and
+//! summaries; v2 scores and gaps; v3 quantiles; v4 a partial alerts index); a file written by a
+//! newer build is refused rather than guessed at.
 //!
 //! The invariants are the module's ([`crate::store`]): one row per window at its highest
 //! revision, one row per `(device, gap seq)`, a batch in ONE transaction, durable (WAL +
@@ -16,19 +17,21 @@
 //! (`tests/backends.rs`) and through HTTP in `tests/api.rs`.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use edgewise_protocol::{Gap, Score, WindowSummary};
+use edgewise_protocol::{Gap, Quantiles, Score, WindowSummary};
 use rusqlite::types::Value;
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::{
-    DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, StoreError, StoredGap, StoredSummary,
-    SummaryFilter, SummaryQuery, check_batch, check_device_id, dedup_batch, now_ms,
+    CheckedBatch, DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, StoreError, StoredGap,
+    StoredSummary, SummaryFilter, SummaryQuery, check_device_id, now_ms,
 };
-use crate::auth::{DeviceToken, TokenHash};
+use crate::auth::{DeviceToken, TokenHash, TokenHasher};
 
+/// How long a write waits for another connection's write lock (another receiver on the same
+/// file) before it fails as busy.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema migrations, applied in order; `MIGRATIONS[i]` takes the schema to version `i + 1`.
@@ -79,6 +82,15 @@ const MIGRATIONS: &[&str] = &[
          received_at_ms INTEGER NOT NULL,
          PRIMARY KEY (device_id, seq)
      );",
+    // v3: quantile estimates on summaries (NULL when the agent computes none).
+    "ALTER TABLE summaries ADD COLUMN q_p50 REAL;
+     ALTER TABLE summaries ADD COLUMN q_p90 REAL;
+     ALTER TABLE summaries ADD COLUMN q_p99 REAL;
+     ALTER TABLE summaries ADD COLUMN q_relative_error REAL;",
+    // v4: only alerts in the alerts index (queries name `score_alert = 1` literally), so the
+    // ~98% of windows that are not alerts cost one index insert less.
+    "DROP INDEX summaries_alerts;
+     CREATE INDEX summaries_alerts ON summaries (window_start_ms) WHERE score_alert = 1;",
 ];
 
 /// The number of schema versions this build knows.
@@ -88,12 +100,123 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 pub(crate) const SUMMARY_COLUMNS: &str =
     "device_id, stream, window_start_ms, window_end_ms, revision, count,
      min, max, mean, stddev, first_value, first_time_ms, last_value, last_time_ms,
-     unit, received_at_ms, score_value, score_alert, score_model";
+     unit, received_at_ms, score_value, score_alert, score_model,
+     q_p50, q_p90, q_p99, q_relative_error";
+
+/// The per-summary columns of an insert, in the order [`bind_summary`] binds them; every row
+/// also gets `device_id` (`?1`) and `received_at_ms` (`?2`), bound once per statement.
+pub(crate) const ROW_COLUMNS: [&str; 22] = [
+    "stream",
+    "window_start_ms",
+    "window_end_ms",
+    "revision",
+    "count",
+    "min",
+    "max",
+    "mean",
+    "stddev",
+    "first_value",
+    "first_time_ms",
+    "last_value",
+    "last_time_ms",
+    "unit",
+    "summary_id",
+    "score_value",
+    "score_alert",
+    "score_model",
+    "q_p50",
+    "q_p90",
+    "q_p99",
+    "q_relative_error",
+];
+const PARAMS_PER_ROW: usize = ROW_COLUMNS.len();
+
+/// Rows per multi-row insert, largest first. A batch is cut into these sizes (500 rows: 256 +
+/// 128 + 64 + 32 + 16 + 4), so at most this many insert statements are ever prepared; the
+/// largest stays far below SQLite's 32,766 bound parameters per statement.
+const ROWS_PER_STATEMENT: [usize; 9] = [256, 128, 64, 32, 16, 8, 4, 2, 1];
+
+/// `INSERT .. ON CONFLICT DO NOTHING` of `rows` summaries, numbered for [`bind_summary`]: row
+/// `r`'s columns are `?1, ?2` and then `3 + r * PARAMS_PER_ROW ..` (a bare `?` takes the next
+/// number after the largest so far).
+fn insert_new_sql(rows: usize) -> String {
+    let mut sql = format!(
+        "INSERT INTO summaries (device_id, received_at_ms, {}) VALUES ",
+        ROW_COLUMNS.join(", ")
+    );
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(?1,?2" } else { ",(?1,?2" });
+        sql.push_str(&",?".repeat(PARAMS_PER_ROW));
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (device_id, stream, window_start_ms) DO NOTHING");
+    sql
+}
+
+/// [`insert_new_sql`] for each of [`ROWS_PER_STATEMENT`], built once.
+static INSERT_NEW_SQL: LazyLock<Vec<(usize, String)>> = LazyLock::new(|| {
+    ROWS_PER_STATEMENT
+        .iter()
+        .map(|&n| (n, insert_new_sql(n)))
+        .collect()
+});
+
+/// Replaces one stored window with a higher revision (numbered like one row of
+/// [`insert_new_sql`]).
+const REVISE_SQL: &str = "UPDATE summaries SET
+     window_end_ms = ?5, revision = ?6, count = ?7, min = ?8, max = ?9, mean = ?10,
+     stddev = ?11, first_value = ?12, first_time_ms = ?13, last_value = ?14,
+     last_time_ms = ?15, unit = ?16, summary_id = ?17, received_at_ms = ?2,
+     score_value = ?18, score_alert = ?19, score_model = ?20, q_p50 = ?21, q_p90 = ?22,
+     q_p99 = ?23, q_relative_error = ?24
+ WHERE device_id = ?1 AND stream = ?3 AND window_start_ms = ?4 AND revision < ?6";
+
+/// Binds one summary's [`ROW_COLUMNS`] from parameter index `first` on.
+fn bind_summary(
+    stmt: &mut rusqlite::Statement<'_>,
+    first: usize,
+    s: &WindowSummary,
+    id: &str,
+) -> rusqlite::Result<()> {
+    // Checked by check_batch: the count fits.
+    let count = i64::try_from(s.count).unwrap_or(i64::MAX);
+    let score = s.score.as_ref();
+    let q = s.quantiles.as_ref();
+    let values: [&dyn rusqlite::ToSql; PARAMS_PER_ROW] = [
+        &s.stream,
+        &s.window_start_ms,
+        &s.window_end_ms,
+        &s.revision,
+        &count,
+        &s.min,
+        &s.max,
+        &s.mean,
+        &s.stddev,
+        &s.first_value,
+        &s.first_time_ms,
+        &s.last_value,
+        &s.last_time_ms,
+        &s.unit,
+        &id,
+        &score.map(|x| x.value),
+        &score.map(|x| x.alert),
+        &score.map(|x| x.model.as_str()),
+        &q.map(|x| x.p50),
+        &q.map(|x| x.p90),
+        &q.map(|x| x.p99),
+        &q.map(|x| x.relative_error),
+    ];
+    for (i, v) in values.into_iter().enumerate() {
+        stmt.raw_bind_parameter(first + i, v)?;
+    }
+    Ok(())
+}
 
 /// The receiver's SQLite database. Clones share one connection.
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    hasher: TokenHasher,
 }
 
 impl std::fmt::Debug for Store {
@@ -112,10 +235,50 @@ impl Store {
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // The multi-row inserts alone take up to ROWS_PER_STATEMENT.len() slots.
+        conn.set_prepared_statement_cache_capacity(32);
+        // Statement journals (each multi-row insert keeps one) in memory, not in temp files:
+        // about a tenth less CPU per stored summary under the load client.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         migrate(&mut conn)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            hasher: TokenHasher::default(),
         })
+    }
+
+    /// Hashes tokens with `hasher` from now on. A keyed hasher first rewrites every plain
+    /// SHA-256 token hash to its keyed form (one transaction; devices keep their tokens). An
+    /// unkeyed one is refused if the database already holds keyed hashes (see [`crate::auth`]).
+    pub fn with_token_hasher(mut self, hasher: TokenHasher) -> Result<Store, StoreError> {
+        {
+            let mut conn = self.lock();
+            let tx = conn.transaction()?;
+            let rows: Vec<(String, String)> = {
+                let mut stmt = tx.prepare("SELECT id, token_hash FROM devices")?;
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?
+            };
+            let keyed = rows.iter().filter(|(_, h)| TokenHash::is_keyed(h)).count();
+            if !hasher.is_keyed() && keyed > 0 {
+                return Err(StoreError::TokenKeyRequired { keyed });
+            }
+            let mut upgraded = 0;
+            for (id, stored) in &rows {
+                if let Some(new) = hasher.upgrade(stored) {
+                    upgraded += tx.execute(
+                        "UPDATE devices SET token_hash = ?1 WHERE id = ?2 AND token_hash = ?3",
+                        params![new.as_hex(), id, stored],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            if upgraded > 0 {
+                tracing::info!(upgraded, "device token hashes migrated to the keyed format");
+            }
+        }
+        self.hasher = hasher;
+        Ok(self)
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -143,7 +306,11 @@ impl Store {
         let conn = self.lock();
         let result = conn.execute(
             "INSERT INTO devices (id, token_hash, created_at_ms) VALUES (?1, ?2, ?3)",
-            params![device_id, token.hash().as_hex(), now_ms()],
+            params![
+                device_id,
+                self.hasher.hash(token.as_str()).as_hex(),
+                now_ms()
+            ],
         );
         match result {
             Ok(_) => Ok(token.into_string()),
@@ -156,6 +323,20 @@ impl Store {
         }
     }
 
+    /// Gives a device a new token (returned once; stored hashed) and lifts a revocation. The old
+    /// token stops working at once.
+    pub fn rotate_token(&self, device_id: &str) -> Result<String, StoreError> {
+        let token = DeviceToken::generate();
+        let changed = self.lock().execute(
+            "UPDATE devices SET token_hash = ?1, revoked = 0 WHERE id = ?2",
+            params![self.hasher.hash(token.as_str()).as_hex(), device_id],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::UnknownDevice(device_id.to_owned()));
+        }
+        Ok(token.into_string())
+    }
+
     /// Revokes a device's token; its data stays. Returns `false` if no such device exists.
     pub fn revoke_device(&self, device_id: &str) -> Result<bool, StoreError> {
         let changed = self
@@ -166,10 +347,10 @@ impl Store {
 
     /// The device a token belongs to, if the token is valid and not revoked.
     ///
-    /// The lookup is by the token's SHA-256, and the found hash is compared again in constant
-    /// time, so the stored secret is never compared byte by byte with input.
+    /// The lookup is by the token's hash ([`TokenHasher`]), and the found hash is compared again
+    /// in constant time, so the stored secret is never compared byte by byte with input.
     pub fn authenticate(&self, token: &str) -> Result<Option<String>, StoreError> {
-        let hash = TokenHash::of(token);
+        let hash = self.hasher.hash(token);
         let conn = self.lock();
         let found = conn
             .query_row(
@@ -199,12 +380,26 @@ impl Store {
         summaries: &[WindowSummary],
         gaps: &[Gap],
     ) -> Result<IngestOutcome, StoreError> {
-        check_batch(device_id, summaries, gaps)?;
-        let (kept, in_batch_duplicates) = dedup_batch(summaries);
+        let batch = CheckedBatch::new(device_id.to_owned(), summaries.to_vec(), gaps.to_vec())?;
+        self.store_checked(&batch)
+    }
 
+    /// Stores a checked batch in one transaction.
+    ///
+    /// Summaries go in with multi-row `INSERT .. ON CONFLICT DO NOTHING` statements (as many
+    /// rows per statement as [`ROWS_PER_STATEMENT`] allows; the batch is cut into those sizes, so
+    /// a handful of cached statements serve every batch size). The rows changed are the new
+    /// windows. Only when some were not new does a second pass run a guarded `UPDATE .. WHERE
+    /// revision < new revision` per summary: a row changed there is a revision, and the rest
+    /// (already stored at the same or a higher revision, including rows this batch has just
+    /// inserted) are duplicates.
+    pub fn store_checked(&self, batch: &CheckedBatch) -> Result<IngestOutcome, StoreError> {
+        let device_id = batch.device_id();
         let received_at_ms = now_ms();
         let mut conn = self.lock();
-        let tx = conn.transaction()?;
+        // Takes the file's write lock at BEGIN (waiting up to BUSY_TIMEOUT), never by upgrading
+        // a read transaction, which another writer could make fail at once.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let known = tx.execute(
             "UPDATE devices SET last_seen_ms = ?2 WHERE id = ?1",
             params![device_id, received_at_ms],
@@ -213,71 +408,44 @@ impl Store {
             return Err(StoreError::UnknownDevice(device_id.to_owned()));
         }
         let mut outcome = IngestOutcome {
-            duplicates: in_batch_duplicates,
+            duplicates: batch.in_batch_duplicates(),
             ..IngestOutcome::default()
         };
-        {
-            // New windows take one statement; only a conflict costs a second one.
-            let mut insert_new = tx.prepare_cached(
-                "INSERT INTO summaries (
-                     device_id, stream, window_start_ms, window_end_ms, revision, count,
-                     min, max, mean, stddev, first_value, first_time_ms, last_value, last_time_ms,
-                     unit, summary_id, received_at_ms, score_value, score_alert, score_model)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                         ?17, ?18, ?19, ?20)
-                 ON CONFLICT (device_id, stream, window_start_ms) DO NOTHING",
-            )?;
-            let mut revise = tx.prepare_cached(
-                "UPDATE summaries SET
-                     window_end_ms = ?4, revision = ?5, count = ?6, min = ?7, max = ?8,
-                     mean = ?9, stddev = ?10, first_value = ?11, first_time_ms = ?12,
-                     last_value = ?13, last_time_ms = ?14, unit = ?15, summary_id = ?16,
-                     received_at_ms = ?17, score_value = ?18, score_alert = ?19,
-                     score_model = ?20
-                 WHERE device_id = ?1 AND stream = ?2 AND window_start_ms = ?3
-                   AND revision < ?5",
-            )?;
-            for s in kept {
-                // Checked by check_batch: the count fits.
-                let count = i64::try_from(s.count).unwrap_or(i64::MAX);
-                let score = s.score.as_ref();
-                let row = params![
-                    device_id,
-                    s.stream,
-                    s.window_start_ms,
-                    s.window_end_ms,
-                    s.revision,
-                    count,
-                    s.min,
-                    s.max,
-                    s.mean,
-                    s.stddev,
-                    s.first_value,
-                    s.first_time_ms,
-                    s.last_value,
-                    s.last_time_ms,
-                    s.unit,
-                    s.id().to_string(),
-                    received_at_ms,
-                    score.map(|x| x.value),
-                    score.map(|x| x.alert),
-                    score.map(|x| x.model.as_str()),
-                ];
-                if insert_new.execute(row)? == 1 {
-                    outcome.inserted += 1;
-                } else if revise.execute(row)? == 1 {
-                    outcome.revised += 1;
-                } else {
-                    outcome.duplicates += 1;
-                }
+        let rows: Vec<(&WindowSummary, &str)> = batch.summaries_with_ids().collect();
+        let mut rest = &rows[..];
+        while !rest.is_empty() {
+            let Some((n, sql)) = INSERT_NEW_SQL.iter().find(|(n, _)| *n <= rest.len()) else {
+                break; // unreachable: the sizes end with 1
+            };
+            let (chunk, tail) = rest.split_at(*n);
+            rest = tail;
+            let mut insert = tx.prepare_cached(sql)?;
+            insert.raw_bind_parameter(1, device_id)?;
+            insert.raw_bind_parameter(2, received_at_ms)?;
+            for (r, (s, id)) in chunk.iter().enumerate() {
+                bind_summary(&mut insert, 3 + r * PARAMS_PER_ROW, s, id)?;
             }
+            outcome.inserted += insert.raw_execute()? as u64;
+        }
+        let stored = rows.len() as u64;
+        if outcome.inserted < stored {
+            let mut revise = tx.prepare_cached(REVISE_SQL)?;
+            for (s, id) in &rows {
+                revise.raw_bind_parameter(1, device_id)?;
+                revise.raw_bind_parameter(2, received_at_ms)?;
+                bind_summary(&mut revise, 3, s, id)?;
+                outcome.revised += revise.raw_execute()? as u64;
+            }
+            outcome.duplicates += stored - outcome.inserted - outcome.revised;
+        }
+        {
             let mut write_gap = tx.prepare_cached(
                 "INSERT INTO gaps (device_id, seq, streams, from_ms, to_ms, count, reason,
                                    recorded_at_ms, received_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (device_id, seq) DO NOTHING",
             )?;
-            for g in gaps {
+            for g in batch.gaps() {
                 // Checked by check_batch: seq and count fit.
                 let changed = write_gap.execute(params![
                     device_id,
@@ -553,6 +721,15 @@ fn stored_summary_from_row(row: &Row<'_>) -> rusqlite::Result<StoredSummary> {
             model: row.get::<_, Option<String>>(18)?.unwrap_or_default(),
         }),
     };
+    let quantiles = match row.get::<_, Option<f64>>(19)? {
+        None => None,
+        Some(p50) => Some(Quantiles {
+            p50,
+            p90: row.get::<_, Option<f64>>(20)?.unwrap_or(p50),
+            p99: row.get::<_, Option<f64>>(21)?.unwrap_or(p50),
+            relative_error: row.get::<_, Option<f64>>(22)?.unwrap_or(0.0),
+        }),
+    };
     Ok(StoredSummary {
         summary: WindowSummary {
             agent_id: device_id.clone(),
@@ -571,6 +748,7 @@ fn stored_summary_from_row(row: &Row<'_>) -> rusqlite::Result<StoredSummary> {
             last_time_ms: row.get(13)?,
             unit: row.get(14)?,
             score,
+            quantiles,
         },
         device_id,
         received_at_ms: row.get(15)?,
@@ -618,6 +796,7 @@ mod tests {
             last_time_ms: start_ms + 9_500,
             unit: Some("Cel".to_owned()),
             score: None,
+            quantiles: None,
         }
     }
 
@@ -632,9 +811,9 @@ mod tests {
     }
 
     #[test]
-    fn open_creates_schema_v2_in_wal_mode_and_reopens() {
+    fn open_creates_the_current_schema_in_wal_mode_and_reopens() {
         let (dir, store) = open();
-        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.schema_version().unwrap(), 4);
         let mode: String = store
             .lock()
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -643,7 +822,7 @@ mod tests {
         store.add_device("gw-1").unwrap();
         drop(store);
         let again = Store::open(&dir.path().join("cloud.db")).unwrap();
-        assert_eq!(again.schema_version().unwrap(), 2);
+        assert_eq!(again.schema_version().unwrap(), 4);
         assert_eq!(again.devices().unwrap().len(), 1);
     }
 
@@ -663,7 +842,7 @@ mod tests {
             err,
             StoreError::SchemaTooNew {
                 found: 99,
-                known: 2
+                known: 4
             }
         ));
     }
@@ -681,6 +860,57 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].summary, s);
         assert_eq!(rows[0].device_id, "gw-1");
+    }
+
+    #[test]
+    fn a_large_batch_is_stored_whole_across_statement_sizes() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        // 300 windows: statements of 256 + 32 + 8 + 4 rows.
+        let first: Vec<WindowSummary> = (0..300)
+            .map(|i| {
+                let mut s = summary("gw-1", &format!("n{}/temp", i % 7), i * 10_000, 1);
+                s.mean = 20.0 + (i % 13) as f64 * 0.1;
+                s.unit = (i % 5 != 0).then(|| "Cel".to_owned());
+                s.score = (i % 3 == 0).then(|| Score {
+                    value: i as f64 / 300.0,
+                    alert: i % 30 == 0,
+                    model: "m@1".to_owned(),
+                });
+                s
+            })
+            .collect();
+        assert_eq!(store.ingest("gw-1", &first).unwrap(), outcome(300, 0, 0));
+        let key = |s: &WindowSummary| (s.window_start_ms, s.stream.clone());
+        let mut stored: Vec<WindowSummary> = all(&store).into_iter().map(|s| s.summary).collect();
+        stored.sort_by_key(key);
+        assert_eq!(stored, first);
+
+        // One batch mixing 100 new windows, 100 higher revisions and 200 duplicates.
+        let mut second: Vec<WindowSummary> = first
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut s = s.clone();
+                s.revision = [2, 0, 1][i % 3];
+                s
+            })
+            .collect();
+        second.extend((300..400).map(|i| summary("gw-1", "n9/temp", i * 10_000, 0)));
+        assert_eq!(
+            store.ingest("gw-1", &second).unwrap(),
+            outcome(100, 200, 100)
+        );
+        let stored = all(&store);
+        assert_eq!(stored.len(), 400);
+        for s in &stored[..300] {
+            let i = s.summary.window_start_ms / 10_000;
+            assert_eq!(
+                s.summary.revision,
+                if i % 3 == 0 { 2 } else { 1 },
+                "window {i}"
+            );
+        }
     }
 
     #[test]
@@ -923,6 +1153,34 @@ mod tests {
     }
 
     #[test]
+    fn quantiles_are_stored_returned_and_replaced_by_a_revision() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        let mut with = summary("gw-1", "n1/temp", 0, 0);
+        with.quantiles = Some(Quantiles {
+            p50: with.mean,
+            p90: with.max,
+            p99: with.max,
+            relative_error: 0.01,
+        });
+        let without = summary("gw-1", "n1/temp", 10_000, 0);
+        store
+            .ingest("gw-1", &[with.clone(), without.clone()])
+            .unwrap();
+        let got: Vec<_> = all(&store).into_iter().map(|r| r.summary).collect();
+        assert_eq!(got, [with.clone(), without]);
+        // JSON carries them as an object, and null without.
+        let json = serde_json::to_value(&all(&store)[0]).unwrap();
+        assert_eq!(json["quantiles"]["p99"], with.max);
+        assert_eq!(json["quantiles"]["relative_error"], 0.01);
+        assert!(serde_json::to_value(&all(&store)[1]).unwrap()["quantiles"].is_null());
+        // A revision without quantiles clears them.
+        let rev1 = summary("gw-1", "n1/temp", 0, 1);
+        store.ingest("gw-1", std::slice::from_ref(&rev1)).unwrap();
+        assert_eq!(all(&store)[0].summary, rev1);
+    }
+
+    #[test]
     fn gaps_are_stored_once_per_seq_and_queryable_by_overlap() {
         let (_dir, store) = open();
         store.add_device("gw-1").unwrap();
@@ -995,6 +1253,35 @@ mod tests {
     }
 
     #[test]
+    fn two_connections_to_one_file_both_store_everything() {
+        let (dir, first) = open();
+        let second = Store::open(&dir.path().join("cloud.db")).unwrap();
+        first.add_device("gw-1").unwrap();
+        first.add_device("gw-2").unwrap();
+        let writers: Vec<_> = [("gw-1", first.clone()), ("gw-2", second)]
+            .into_iter()
+            .map(|(device, store)| {
+                std::thread::spawn(move || {
+                    for b in 0..20 {
+                        let batch: Vec<WindowSummary> = (0..50)
+                            .map(|i| summary(device, "n1/temp", (b * 50 + i) * 10_000, 0))
+                            .collect();
+                        assert_eq!(store.ingest(device, &batch).unwrap(), outcome(50, 0, 0));
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let devices = first.devices().unwrap();
+        assert_eq!(
+            devices.iter().map(|d| d.summary_count).collect::<Vec<_>>(),
+            [1_000, 1_000]
+        );
+    }
+
+    #[test]
     fn paging_by_cursor_visits_every_row_once() {
         let (_dir, store) = open();
         store.add_device("gw-1").unwrap();
@@ -1043,7 +1330,7 @@ mod tests {
     }
 
     #[test]
-    fn a_v1_file_is_migrated_to_v2_keeping_its_data() {
+    fn a_v1_file_is_migrated_to_the_current_schema_keeping_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
         {
@@ -1063,7 +1350,7 @@ mod tests {
             .unwrap();
         }
         let store = Store::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 2);
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         let rows = all(&store);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].summary, summary("gw-1", "s", 0, 0));

@@ -326,6 +326,7 @@ pub fn summary(agent: &str, stream: &str, start_ms: i64, revision: u32) -> Windo
         last_time_ms: start_ms + 9_900,
         unit: Some("Cel".to_owned()),
         score: None,
+        quantiles: None,
     }
 }
 

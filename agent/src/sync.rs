@@ -21,7 +21,11 @@
 //! On shutdown a request in flight gets [`SHUTDOWN_GRACE`] to finish; abandoning it is safe (the
 //! rows stay and are re-sent).
 //!
-//! Tested end to end in `tests/` with a real receiver on loopback, including one that is down.
+//! TLS: see [`http_client`] and [`crate::tls`]; a receiver whose certificate does not verify is
+//! never sent the token or the data (the request fails before either is written).
+//!
+//! Tested end to end in `tests/` with a real receiver on loopback, including one that is down,
+//! and over HTTPS in `tests/tls.rs`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +39,21 @@ use crate::ingest::wall_ms;
 use crate::metrics::Metrics;
 use crate::store::{Drain, Store, StoreError, StoreOptions};
 
+/// An error and its sources, `: `-separated (reqwest's Display alone omits the TLS reason).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// How long a request in flight may take to finish once shutdown was asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -46,6 +65,31 @@ pub enum SyncError {
     Store(#[from] StoreError),
     #[error("building the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// The HTTP client for `sync.url`. For `https://` it verifies the receiver with `[sync.tls]`
+/// (CA file or system roots, optional pins, optional client certificate) and refuses any
+/// redirect or plaintext URL; for `http://` it is plain HTTP (which `check` warns about when
+/// the receiver is not on this machine).
+pub fn http_client(cfg: &AgentConfig) -> Result<reqwest::Client, SyncError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_millis(cfg.sync.timeout_ms))
+        .connect_timeout(Duration::from_millis(cfg.sync.timeout_ms.min(5000)))
+        // A redirect of an ingest request is never expected; following one could send the
+        // token elsewhere.
+        .redirect(reqwest::redirect::Policy::none());
+    if cfg.sync.url.starts_with("https://") {
+        let tls = cfg
+            .sync
+            .tls
+            .client_config("sync.tls", &[b"h2", b"http/1.1"])?;
+        builder = builder
+            .tls_backend_preconfigured(rustls::ClientConfig::clone(&tls))
+            .https_only(true);
+    }
+    Ok(builder.build()?)
 }
 
 /// Uploads the outbox; see the module docs.
@@ -77,10 +121,7 @@ impl Uploader {
     pub fn new(cfg: &AgentConfig, metrics: Arc<Metrics>) -> Result<Uploader, SyncError> {
         let token = cfg.sync_token().map_err(SyncError::Config)?;
         let store = Store::open_with(&cfg.store.path, &StoreOptions::from_config(cfg))?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.sync.timeout_ms))
-            .connect_timeout(Duration::from_millis(cfg.sync.timeout_ms.min(5000)))
-            .build()?;
+        let http = http_client(cfg)?;
         Ok(Uploader {
             http,
             ingest_url: format!("{}/v1/ingest", cfg.sync.url.trim_end_matches('/')),
@@ -208,7 +249,13 @@ impl Uploader {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.sync_failures.inc();
-                tracing::warn!(error = %e, "upload failed; will retry");
+                // The whole chain: the TLS reason (e.g. an unknown issuer) is in the sources.
+                let chain = error_chain(&e);
+                if chain.contains("invalid HTTP version") {
+                    tracing::error!(error = %chain, "the receiver did not answer in HTTP: if it serves HTTPS, use https:// in sync.url; will retry");
+                } else {
+                    tracing::warn!(error = %chain, "upload failed; will retry");
+                }
                 return Outcome::Retry(None);
             }
         };
@@ -277,6 +324,10 @@ impl Uploader {
                         Outcome::Retry(None)
                     }
                 }
+            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                tracing::error!(%status, %message, "the receiver refused our device token (sync.token_file / EDGEWISE_SYNC_TOKEN); the data stays buffered; will retry");
+                Outcome::Retry(None)
             }
             _ => {
                 tracing::warn!(%status, %message, "upload refused; will retry");

@@ -1,4 +1,4 @@
-//! tract in the agent, on the shipped models, at batch 1 and 256: latency per batch and
+//! tract in the agent, on the shipped models, at batch 1, 16, 64 and 256: latency per batch and
 //! summaries per second. `models/bench.sh` runs this and the same measurement with onnxruntime
 //! (`models/tools/bench_ort.py`) on the same inputs, and prints the ratio.
 //!
@@ -7,8 +7,10 @@
 //! the figure is the median of 5 rounds of mean time per batch.
 //!
 //! `cargo bench -p edgewise-agent --bench infer -- [--seconds S]` prints one line per case:
-//! `tract <model> <batch> <microseconds per batch>` plus a `score()` line (features + model +
-//! writing the scores into the summaries).
+//! `tract <model> <batch> <microseconds per batch>` (a full batch: the scorer's fixed-batch
+//! plan), `tract-sym ...` (the same rows through the symbolic-batch plan, which partial batches
+//! use) and `tract-score ...` (`score()`: features + model + writing the scores into the
+//! summaries).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
     for model in ["anomaly", "fault"] {
         let (cfg, rows, summaries) = setup(&models, model)?;
-        for batch in [1usize, 256] {
+        for batch in BATCHES {
             let mut scorer = Scorer::load(&InferenceConfig {
                 batch_size: batch,
                 ..cfg.clone()
@@ -41,6 +43,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 std::hint::black_box(out).ok();
             });
             println!("tract {model} {batch} {us:.3}");
+            // The same rows through the symbolic-batch plan (what a batch of any other size
+            // uses, and what every batch used before the fixed-batch plan): a scorer configured
+            // for one more row than it is given.
+            let mut symbolic = Scorer::load(&InferenceConfig {
+                batch_size: batch + 1,
+                ..cfg.clone()
+            })?;
+            let us = measure(seconds, || {
+                let out = symbolic.run(&input).map(|o| o.len());
+                std::hint::black_box(out).ok();
+            });
+            println!("tract-sym {model} {batch} {us:.3}");
             let mut batch_of: Vec<WindowSummary> =
                 summaries.iter().cycle().take(batch).cloned().collect();
             let us = measure(seconds, || {
@@ -76,6 +90,9 @@ fn measure(seconds: f64, mut f: impl FnMut()) -> f64 {
     rounds.sort_by(f64::total_cmp);
     rounds[2]
 }
+
+/// The batch sizes measured here and by `models/tools/bench_ort.py`.
+const BATCHES: [usize; 4] = [1, 16, 64, 256];
 
 type Setup = (InferenceConfig, Vec<Vec<f32>>, Vec<WindowSummary>);
 
@@ -140,6 +157,7 @@ fn setup(models: &Path, model: &str) -> Result<Setup, Box<dyn std::error::Error>
                 last_time_ms: end - 1,
                 unit: None,
                 score: None,
+                quantiles: None,
             }
         })
         .collect();

@@ -171,6 +171,7 @@ fn summaries(n: usize) -> Vec<WindowSummary> {
                 last_time_ms: start + 990,
                 unit: Some("Cel".into()),
                 score: None,
+                quantiles: None,
             }
         })
         .collect()
@@ -200,15 +201,9 @@ async fn drain(dir: &Path, n: usize) -> (f64, f64) {
     {
         let mut store =
             Store::open_with(&cfg.store.path, &StoreOptions::from_config(&cfg)).expect("store");
-        let closed: Vec<ClosedWindow> = all
-            .into_iter()
-            .map(|summary| ClosedWindow {
-                closed_until_ms: summary.window_end_ms,
-                summary,
-            })
-            .collect();
+        let closed: Vec<ClosedWindow> = all.into_iter().map(ClosedWindow::final_window).collect();
         for chunk in closed.chunks(5000) {
-            store.commit_closed(chunk, 0).expect("fill");
+            store.commit_closed(chunk, i64::MAX, 0).expect("fill");
         }
     }
     let metrics = Arc::new(Metrics::default());

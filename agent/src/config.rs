@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::decode::PayloadFormat;
+use crate::decode::{PayloadFormat, TopicFormat};
 use crate::filter::{FilterConfig, RulePattern};
+use crate::secret::{Secret, SecretError, SecretSource};
+use crate::tls::TlsConfig;
 
 /// The whole agent configuration, one TOML file.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,8 +32,9 @@ pub struct AgentConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub window: WindowConfig,
-    /// Data-contract rules, checked in order; the first whose pattern matches a stream applies.
-    #[serde(default, rename = "filter")]
+    /// Data contracts (`[[contract]]`, formerly `[[filter]]`), checked in order; the first
+    /// whose pattern matches a stream applies.
+    #[serde(default, rename = "contract", alias = "filter")]
     pub filters: Vec<FilterConfig>,
     #[serde(default)]
     pub sync: SyncConfig,
@@ -45,7 +48,7 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// `mqtt://host:port`.
+    /// `mqtt://host:port` (plaintext) or `mqtts://host:port` (TLS, see `[mqtt.tls]`).
     pub url: String,
     /// Stable across restarts so the broker keeps the persistent session; default `edgewise-<agent_id>`.
     pub client_id: Option<String>,
@@ -56,6 +59,15 @@ pub struct MqttConfig {
     pub max_packet_bytes: usize,
     /// Reconnect back-off doubles from 100 ms up to this.
     pub reconnect_max_backoff_ms: u64,
+    /// Broker user name; the password comes from `password_file`, `password` or
+    /// `EDGEWISE_MQTT_PASSWORD`.
+    pub username: Option<String>,
+    /// Inline password: discouraged (`check` warns); prefer `password_file`.
+    pub password: Option<String>,
+    /// File holding the broker password (mode 600).
+    pub password_file: Option<PathBuf>,
+    /// Trust and client certificate for `mqtts://`.
+    pub tls: TlsConfig,
 }
 
 impl Default for MqttConfig {
@@ -67,6 +79,10 @@ impl Default for MqttConfig {
             keep_alive_seconds: 30,
             max_packet_bytes: 256 * 1024,
             reconnect_max_backoff_ms: 10_000,
+            username: None,
+            password: None,
+            password_file: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -74,8 +90,13 @@ impl Default for MqttConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
-    /// `auto`, `senml-json`, `senml-cbor` or `plain-json`.
+    /// `auto`, `senml-json`, `senml-cbor` or `plain-json`: for topics no `topic_format` matches.
     pub format: PayloadFormat,
+    /// Payload format per topic pattern (`[[ingest.topic_format]]`), first match wins.
+    pub topic_format: Vec<TopicFormat>,
+    /// A reading refused by its contract is copied into the dead-letter table at most once per
+    /// this interval for each (contract, reason); all of them are counted.
+    pub dead_letter_sample_ms: u64,
     /// Group commit: a journal commit at most this long after the first message of a batch...
     pub commit_interval_ms: u64,
     /// ...or as soon as this many messages are waiting, whichever comes first.
@@ -88,6 +109,8 @@ impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             format: PayloadFormat::Auto,
+            topic_format: Vec::new(),
+            dead_letter_sample_ms: 1000,
             commit_interval_ms: 5,
             commit_max_messages: 1000,
             queue_messages: 4096,
@@ -147,24 +170,111 @@ impl Default for StoreConfig {
     }
 }
 
+/// What happens to a reading whose window has already closed (see [`crate::window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatePolicy {
+    /// Refused and counted (`readings_rejected_total{reason="late"}`).
+    #[default]
+    Drop,
+    /// Re-opens the window: a new revision of its summary is emitted, which the cloud keeps in
+    /// place of the earlier one. Within `revise_horizon_ms`; older readings are dropped.
+    Revise,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WindowConfig {
-    /// Tumbling window length in event time.
+    /// Window length in event time.
     pub window_seconds: u64,
-    /// How far behind the newest event time of a stream a reading may arrive and still count.
+    /// Hopping windows: a window starts every `slide_seconds` (must divide `window_seconds`).
+    /// Absent: tumbling windows (`slide_seconds = window_seconds`).
+    pub slide_seconds: Option<u64>,
+    /// How far behind the newest event time of a stream a reading may arrive and still count:
+    /// a window closes when the stream's newest event time minus this passes its end.
     pub allowed_lateness_ms: u64,
     /// A stream silent for this long (processing time) has its open windows closed.
     pub idle_timeout_ms: u64,
+    /// `drop` or `revise`: what a reading for an already closed window does.
+    pub late_policy: LatePolicy,
+    /// With `late_policy = "revise"`: how long after a window closed (in its stream's event
+    /// time) late readings still revise it. Absent: `allowed_lateness_ms`.
+    pub revise_horizon_ms: Option<u64>,
+    /// Most streams with open windows at once; readings of further streams are refused and
+    /// counted (`readings_rejected_total{reason="stream_limit"}`).
+    pub max_streams: usize,
+    /// Add p50, p90 and p99 of each window's values to its summary (DDSketch).
+    pub quantiles: bool,
+    /// Relative error bound of those quantiles.
+    pub quantile_relative_error: f64,
 }
 
 impl Default for WindowConfig {
     fn default() -> Self {
         WindowConfig {
             window_seconds: 60,
+            slide_seconds: None,
             allowed_lateness_ms: 5_000,
             idle_timeout_ms: 120_000,
+            late_policy: LatePolicy::Drop,
+            revise_horizon_ms: None,
+            max_streams: 10_000,
+            quantiles: false,
+            quantile_relative_error: 0.01,
         }
+    }
+}
+
+impl WindowConfig {
+    /// The revise horizon in effect.
+    pub fn revise_horizon_ms(&self) -> u64 {
+        self.revise_horizon_ms.unwrap_or(self.allowed_lateness_ms)
+    }
+
+    /// `(field, message)` for each problem in this section.
+    fn problems(&self, journal: bool) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.window_seconds == 0 || self.window_seconds > 86_400 {
+            out.push(("window_seconds", "must be between 1 and 86400".into()));
+        }
+        if let Some(slide) = self.slide_seconds
+            && (slide == 0 || slide > self.window_seconds || self.window_seconds % slide != 0)
+        {
+            out.push((
+                "slide_seconds",
+                format!(
+                    "must divide window_seconds ({}) and be at least 1",
+                    self.window_seconds
+                ),
+            ));
+        }
+        if self.idle_timeout_ms == 0 {
+            out.push(("idle_timeout_ms", "must be at least 1".into()));
+        }
+        if self.late_policy == LatePolicy::Revise {
+            if self.revise_horizon_ms() == 0 {
+                out.push((
+                    "revise_horizon_ms",
+                    "must be at least 1 with late_policy = \"revise\" (it defaults to allowed_lateness_ms, which is 0)".into(),
+                ));
+            }
+            if !journal {
+                out.push((
+                    "late_policy",
+                    "\"revise\" needs store.journal = true (revisions are rebuilt from the journal)".into(),
+                ));
+            }
+        }
+        if self.max_streams == 0 {
+            out.push(("max_streams", "must be at least 1".into()));
+        }
+        if !(self.quantile_relative_error > 0.0 && self.quantile_relative_error <= 0.5) {
+            out.push((
+                "quantile_relative_error",
+                "must be above 0 and at most 0.5".into(),
+            ));
+        }
+        out
     }
 }
 
@@ -189,6 +299,8 @@ pub struct SyncConfig {
     pub backoff_max_ms: u64,
     /// Per-request timeout.
     pub timeout_ms: u64,
+    /// Trust (CA file or system roots), public-key pins and client certificate for `https://`.
+    pub tls: TlsConfig,
 }
 
 impl Default for SyncConfig {
@@ -205,6 +317,7 @@ impl Default for SyncConfig {
             backoff_initial_ms: 200,
             backoff_max_ms: 30_000,
             timeout_ms: 10_000,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -262,24 +375,67 @@ fn list(problems: &[Problem]) -> String {
         .join("\n")
 }
 
-/// Host and port of an `mqtt://host:port` URL.
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("`{url}` does not start with mqtt://"))?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| format!("`{p}` is not a port number"))?,
-        ),
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        return Err(format!("`{url}` has no host"));
+/// A parsed broker URL: `mqtt://host[:port]` (plaintext, default port 1883) or
+/// `mqtts://host[:port]` (TLS, default port 8883).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerUrl {
+    pub fn parse(url: &str) -> Result<BrokerUrl, String> {
+        let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (r, true, 8883)
+        } else if let Some(r) = url.strip_prefix("mqtt://") {
+            (r, false, 1883)
+        } else {
+            return Err(format!("`{url}` does not start with mqtt:// or mqtts://"));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("`{p}` is not a port number"))?,
+            ),
+            None => (rest, default_port),
+        };
+        if host.is_empty() {
+            return Err(format!("`{url}` has no host"));
+        }
+        Ok(BrokerUrl {
+            host: host.to_string(),
+            port,
+            tls,
+        })
     }
-    Ok((host.to_string(), port))
+}
+
+/// Host and port of an `mqtt://` or `mqtts://` URL.
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    BrokerUrl::parse(url).map(|u| (u.host, u.port))
+}
+
+/// True for `localhost` and loopback IP literals (traffic that never leaves the machine).
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The host of an `http(s)://host[:port]/...` URL.
+fn http_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if authority.starts_with('[') {
+        return authority.split_once(']').map_or(authority, |(h, _)| h);
+    }
+    authority.split(':').next().unwrap_or(authority)
 }
 
 impl AgentConfig {
@@ -326,8 +482,29 @@ impl AgentConfig {
                 "must be at most 128 bytes with no control characters".into(),
             );
         }
-        if let Err(e) = parse_mqtt_url(&self.mqtt.url) {
-            bad("mqtt.url", e);
+        match BrokerUrl::parse(&self.mqtt.url) {
+            Err(e) => bad("mqtt.url", e),
+            Ok(u) if !u.tls && self.mqtt.tls.is_set() => bad(
+                "mqtt.tls",
+                "TLS settings are given but mqtt.url is plaintext mqtt://; use mqtts:// \
+                 (the agent never falls back to plaintext)"
+                    .into(),
+            ),
+            Ok(_) => {}
+        }
+        for (field, msg) in self.mqtt.tls.problems() {
+            bad(&format!("mqtt.tls.{field}"), msg);
+        }
+        if self.mqtt.password.is_some() && self.mqtt.password_file.is_some() {
+            bad(
+                "mqtt.password",
+                "set either mqtt.password or mqtt.password_file, not both".into(),
+            );
+        }
+        if self.mqtt.username.is_none()
+            && (self.mqtt.password.is_some() || self.mqtt.password_file.is_some())
+        {
+            bad("mqtt.username", "a password needs a username".into());
         }
         if self.mqtt.topics.is_empty() {
             bad("mqtt.topics", "at least one topic filter is needed".into());
@@ -364,18 +541,17 @@ impl AgentConfig {
                 "must be at least 1048576 (1 MiB)".into(),
             );
         }
-        if self.window.window_seconds == 0 || self.window.window_seconds > 86_400 {
-            bad(
-                "window.window_seconds",
-                "must be between 1 and 86400".into(),
-            );
+        for (field, msg) in self.window.problems(self.store.journal) {
+            bad(&format!("window.{field}"), msg);
         }
-        if self.window.idle_timeout_ms == 0 {
-            bad("window.idle_timeout_ms", "must be at least 1".into());
+        for (i, t) in self.ingest.topic_format.iter().enumerate() {
+            if let Err(e) = RulePattern::parse(&t.topic) {
+                bad(&format!("ingest.topic_format[{i}].topic"), e);
+            }
         }
         for (i, f) in self.filters.iter().enumerate() {
             for (field, msg) in f.problems() {
-                bad(&format!("filter[{i}].{field}"), msg);
+                bad(&format!("contract[{i}].{field}"), msg);
             }
         }
         if let Some(inference) = &self.inference {
@@ -385,6 +561,16 @@ impl AgentConfig {
         }
         if !(self.sync.url.starts_with("http://") || self.sync.url.starts_with("https://")) {
             bad("sync.url", "must start with http:// or https://".into());
+        } else if self.sync.url.starts_with("http://") && self.sync.tls.is_set() {
+            bad(
+                "sync.tls",
+                "TLS settings are given but sync.url is plaintext http://; use https:// \
+                 (the agent never falls back to plaintext)"
+                    .into(),
+            );
+        }
+        for (field, msg) in self.sync.tls.problems() {
+            bad(&format!("sync.tls.{field}"), msg);
         }
         if self.sync.token.is_some() && self.sync.token_file.is_some() {
             bad(
@@ -432,24 +618,137 @@ impl AgentConfig {
         self.window.window_seconds as i64 * 1000
     }
 
-    /// The device token: `sync.token`, else `sync.token_file`, else `EDGEWISE_SYNC_TOKEN`.
+    /// Where the device token comes from: `sync.token`, else `sync.token_file` (mode 600), else
+    /// `EDGEWISE_SYNC_TOKEN`.
+    pub fn sync_token_source(&self) -> SecretSource<'_> {
+        SecretSource {
+            key: "sync.token_file",
+            inline: self.sync.token.as_deref(),
+            file: self.sync.token_file.as_deref(),
+            env: "EDGEWISE_SYNC_TOKEN",
+        }
+    }
+
+    /// The device token (see [`AgentConfig::sync_token_source`]).
     pub fn sync_token(&self) -> Result<String, String> {
-        if let Some(t) = &self.sync.token {
-            return Ok(t.clone());
+        match self.sync_token_source().load() {
+            Ok(Some(t)) => Ok(t.expose().to_string()),
+            Ok(None) => Err(
+                "no device token: set sync.token_file or EDGEWISE_SYNC_TOKEN (or sync.token)"
+                    .to_string(),
+            ),
+            Err(e) => Err(e.to_string()),
         }
-        if let Some(path) = &self.sync.token_file {
-            return std::fs::read_to_string(path)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| format!("cannot read sync.token_file {}: {e}", path.display()));
+    }
+
+    /// The broker user name and password, if a user name is configured. The password comes from
+    /// `mqtt.password`, else `mqtt.password_file` (mode 600), else `EDGEWISE_MQTT_PASSWORD`.
+    pub fn mqtt_credentials(&self) -> Result<Option<(String, Secret)>, SecretError> {
+        let Some(user) = &self.mqtt.username else {
+            return Ok(None);
+        };
+        let password = SecretSource {
+            key: "mqtt.password_file",
+            inline: self.mqtt.password.as_deref(),
+            file: self.mqtt.password_file.as_deref(),
+            env: "EDGEWISE_MQTT_PASSWORD",
         }
-        std::env::var("EDGEWISE_SYNC_TOKEN").map_err(|_| {
-            "no device token: set sync.token_file, sync.token or EDGEWISE_SYNC_TOKEN".to_string()
-        })
+        .load()?;
+        Ok(Some((
+            user.clone(),
+            password.unwrap_or_else(|| Secret::from(String::new())),
+        )))
+    }
+
+    /// Settings that work but weaken security, with their key paths: `check` prints them and
+    /// `run` logs them at start. (Secrets written in the config file, credentials or tokens sent
+    /// in plaintext over the network.)
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut warn = |key: &str, message: &str| {
+            out.push(Problem {
+                key: key.to_string(),
+                message: message.to_string(),
+            })
+        };
+        if self.sync.token.is_some() {
+            warn(
+                "sync.token",
+                "the device token is written in the config file; move it to sync.token_file \
+                 (mode 600) or EDGEWISE_SYNC_TOKEN",
+            );
+        }
+        if self.mqtt.password.is_some() {
+            warn(
+                "mqtt.password",
+                "the broker password is written in the config file; move it to \
+                 mqtt.password_file (mode 600) or EDGEWISE_MQTT_PASSWORD",
+            );
+        }
+        if self.sync.url.starts_with("http://") && !is_loopback_host(http_host(&self.sync.url)) {
+            warn(
+                "sync.url",
+                "plaintext http:// to another machine: the device token and the data cross \
+                 the network unencrypted; use https://",
+            );
+        }
+        if let Ok(u) = BrokerUrl::parse(&self.mqtt.url)
+            && !u.tls
+            && !is_loopback_host(&u.host)
+        {
+            let what = if self.mqtt.username.is_some() {
+                "the broker password and the readings cross the network unencrypted"
+            } else {
+                "the readings cross the network unencrypted and unauthenticated"
+            };
+            warn(
+                "mqtt.url",
+                &format!("plaintext mqtt:// to another machine: {what}; use mqtts://"),
+            );
+        }
+        out
     }
 
     pub fn commit_interval(&self) -> Duration {
         Duration::from_millis(self.ingest.commit_interval_ms)
     }
+}
+
+/// Problems with the files the configuration names (TLS certificates and keys, the token and
+/// password files and their permissions), found by reading them as `run` will. A missing token
+/// is not one of them (it may come from the environment at run time).
+pub fn file_problems(cfg: &AgentConfig) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        out.push(Problem {
+            key: key.to_string(),
+            message,
+        })
+    };
+    if cfg.mqtt.url.starts_with("mqtts://")
+        && let Err(e) = cfg.mqtt.tls.client_config("mqtt.tls", &[])
+    {
+        bad("mqtt.tls", e.to_string());
+    }
+    if cfg.sync.url.starts_with("https://")
+        && let Err(e) = cfg.sync.tls.client_config("sync.tls", &[])
+    {
+        bad("sync.tls", e.to_string());
+    }
+    // A secret file that does not exist yet may be provisioned later (`check` then warns about
+    // the missing token); one that exists must be private and readable.
+    for (key, file) in [
+        ("sync.token_file", &cfg.sync.token_file),
+        ("mqtt.password_file", &cfg.mqtt.password_file),
+    ] {
+        if let Some(path) = file
+            && path.exists()
+            && let Err(e) = crate::secret::read_secret_file(key, path)
+        {
+            bad(key, e.to_string());
+        }
+    }
+    out
 }
 
 /// A commented example configuration; `edgewise-agent check` accepts it as is.
@@ -503,8 +802,8 @@ mod tests {
             "agent_id",
             "mqtt.url",
             "window.window_seconds",
-            "filter[0].stream",
-            "filter[0].max",
+            "contract[0].stream",
+            "contract[0].max",
             "sync.url",
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
@@ -532,6 +831,90 @@ mod tests {
         assert_eq!(d.store.sync, SyncMode::Normal);
         assert!(d.store.journal);
         assert_eq!(d.sync.order, DrainOrder::OldestFirst);
+    }
+
+    #[test]
+    fn window_options_parse_and_are_checked() {
+        let cfg = AgentConfig::parse(
+            "agent_id = \"a\"\n[window]\nwindow_seconds = 60\nslide_seconds = 15\n\
+             late_policy = \"revise\"\nrevise_horizon_ms = 600000\nmax_streams = 5\n\
+             quantiles = true\nquantile_relative_error = 0.02\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.problems(), vec![]);
+        let spec = crate::window::WindowSpec::from(&cfg.window);
+        assert_eq!((spec.size_ms, spec.slide_ms), (60_000, 15_000));
+        assert_eq!(spec.late_policy, LatePolicy::Revise);
+        assert_eq!(spec.revise_horizon_ms, 600_000);
+        assert_eq!(spec.max_streams, 5);
+        assert_eq!(spec.quantile_relative_error, Some(0.02));
+        let d = AgentConfig::parse("agent_id = \"a\"").unwrap();
+        let spec = crate::window::WindowSpec::from(&d.window);
+        assert_eq!(spec.slide_ms, spec.size_ms);
+        assert_eq!(spec.late_policy, LatePolicy::Drop);
+        assert_eq!(spec.quantile_relative_error, None);
+
+        let cfg = AgentConfig::parse(
+            "agent_id = \"a\"\n[store]\njournal = false\n[window]\nwindow_seconds = 60\n\
+             slide_seconds = 7\nallowed_lateness_ms = 0\nlate_policy = \"revise\"\n\
+             max_streams = 0\nquantile_relative_error = 0\n",
+        )
+        .unwrap();
+        let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "window.slide_seconds",
+                "window.revise_horizon_ms",
+                "window.late_policy",
+                "window.max_streams",
+                "window.quantile_relative_error",
+            ]
+        );
+        let err =
+            AgentConfig::parse("agent_id = \"a\"\n[window]\nlate_policy = \"keep\"\n").unwrap_err();
+        assert!(err.contains("revise"), "{err}");
+    }
+
+    #[test]
+    fn contracts_and_topic_formats_parse_and_old_filter_rules_still_work() {
+        let old = AgentConfig::parse(
+            "agent_id = \"a\"\n[[filter]]\nstream = \"+/t\"\nmin = 0.0\nmax = 1.0\n",
+        )
+        .unwrap();
+        assert_eq!(old.problems(), vec![]);
+        assert_eq!(old.filters[0].max, Some(1.0));
+        let err = AgentConfig::parse(
+            "agent_id = \"a\"\n[[contract]]\nstream = \"#\"\nrequired = [\"colour\"]\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+        let cfg = AgentConfig::parse(
+            r#"
+            agent_id = "a"
+            [[ingest.topic_format]]
+            topic = "bad/#/x"
+            format = "senml-cbor"
+            [[contract]]
+            stream = "+/temperature"
+            unit = "Cel"
+            convert.K = { offset = -273.15 }
+            convert.degF = { scale = 0.5555555555555556, offset = -17.77777777777778 }
+            deadband = 0.1
+            max_rate_per_second = 5
+            required = ["unit", "time"]
+            [[contract]]
+            stream = "+/humidity"
+            deadband = -1
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.filters[0].convert["K"].scale, 1.0);
+        let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            vec!["ingest.topic_format[0].topic", "contract[1].deadband"]
+        );
     }
 
     #[test]

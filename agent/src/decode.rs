@@ -13,20 +13,35 @@
 //! [`PayloadFormat::Auto`] picks one by the first byte: `[` SenML JSON, `{` plain JSON, a CBOR
 //! array header (`0x80..=0x9f`) SenML CBOR.
 //!
+//! # Two entry points
+//!
+//! - [`PayloadDecoder::decode_each`] is the hot path: it hands each resolved reading to a
+//!   callback as a [`ReadingRef`] that borrows the payload (names, units, strings) and the
+//!   decoder's reusable scratch buffers (a name made of base name + name, base64-decoded data).
+//!   After warm-up it allocates nothing per reading (JSON strings with escapes are the exception:
+//!   they are unescaped into a small owned string).
+//! - [`decode`] collects the numeric readings of one payload as owned [`Reading`]s (tests, tools).
+//!
 //! # SenML resolution (RFC 8428 section 4)
 //!
 //! Base fields apply to their record and every later one until changed: stream = `bn` + `n`,
 //! time = `bt` + `t` seconds (rounded to milliseconds; below 2^28 s it is relative to the
-//! `now_ms` passed in, so a record without any time is "now"), value = `bv` + `v`, unit = `u`
-//! else `bu`. Records carrying `vs`, `vb`, `vd` or only a sum yield no reading and are counted in
-//! [`Decoded::skipped_non_numeric`]; a record with no name, value or sum only sets the base
-//! fields it carries. The resolved name must use the RFC's character set (letters, digits,
-//! `-:./_`, starting with a letter or digit). Unknown labels are ignored, except labels ending in
-//! `_` (must-understand) and a `bver` above 10, which refuse the whole pack.
+//! `now_ms` passed in, so a record without any time is "now"), value = `bv` + `v`, sum =
+//! `bs` + `s`, unit = `u` else `bu`. A record's value is numeric (`v`), text (`vs`), boolean
+//! (`vb`) or data (`vd`: base64url in JSON, a byte string in CBOR); a record without a value
+//! field takes `bv` as its value and `bs` as its sum. A record with neither a value nor a sum is
+//! refused (`missing_value`); a record with no name, value or sum only sets the base fields it
+//! carries. The resolved name must use the RFC's character set (letters, digits, `-:./_`,
+//! starting with a letter or digit). `ut` is type-checked and ignored. Unknown labels are
+//! ignored, except labels ending in `_` (must-understand) and a `bver` above 10, which refuse
+//! the whole pack. [`Decoded`] counts numeric readings and the others (text, boolean, data or
+//! sum only) separately: numeric windows use only the numeric ones.
 //!
 //! # Invariants
 //!
-//! - A payload decodes completely or not at all: on error `out` is left as it was.
+//! - A payload decodes completely or not at all: on error [`decode`] leaves `out` as it was;
+//!   [`PayloadDecoder::decode_each`] may have called its callback for earlier records, and the
+//!   caller discards those (the pipeline rolls its filter state back to before the message).
 //! - Cost is bounded by [`DecodeLimits`]: the payload length is checked before parsing, the
 //!   record count before each record is used (for a definite-length CBOR array, from its header),
 //!   names and units before they are copied. Decoding is one pass with no intermediate record list.
@@ -44,6 +59,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use crate::filter::RulePattern;
 use edgewise_protocol::senml::label;
 use edgewise_protocol::{Reading, WindowSummary};
 use minicbor::Decoder;
@@ -60,6 +76,40 @@ pub enum PayloadFormat {
     SenmlJson,
     SenmlCbor,
     PlainJson,
+}
+
+/// The payload format of the topics matching a pattern (`[[ingest.topic_format]]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicFormat {
+    /// MQTT topic filter syntax (`+`, `#`).
+    pub topic: String,
+    pub format: PayloadFormat,
+}
+
+/// Picks each topic's payload format: the first matching [`TopicFormat`], else a default.
+#[derive(Debug, Clone)]
+pub struct TopicFormats {
+    rules: Vec<(RulePattern, PayloadFormat)>,
+    default: PayloadFormat,
+}
+
+impl TopicFormats {
+    /// Compiles the rules; an invalid pattern is an error (config `check` reports it first).
+    pub fn build(rules: &[TopicFormat], default: PayloadFormat) -> Result<Self, String> {
+        let rules = rules
+            .iter()
+            .map(|r| Ok((RulePattern::parse(&r.topic)?, r.format)))
+            .collect::<Result<_, String>>()?;
+        Ok(TopicFormats { rules, default })
+    }
+
+    pub fn format_for(&self, topic: &str) -> PayloadFormat {
+        self.rules
+            .iter()
+            .find(|(p, _)| p.matches(topic))
+            .map_or(self.default, |(_, f)| *f)
+    }
 }
 
 /// Limits that keep a hostile payload from costing unbounded memory or time.
@@ -167,16 +217,145 @@ impl DecodeError {
     }
 }
 
-/// What one payload decoded to, beyond the readings appended to `out`.
+/// How many readings one payload resolved to.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Decoded {
-    /// Readings appended to `out`.
+    /// Readings with a numeric value (`v`, or `bv` alone).
     pub readings: usize,
-    /// SenML records with a string, boolean or data value, or only a sum.
-    pub skipped_non_numeric: usize,
+    /// Readings with a text, boolean or data value, or only a sum.
+    pub non_numeric: usize,
 }
 
-/// Decode one MQTT message. Appends readings to `out` (does not clear it). On error appends nothing.
+/// A reading's value (RFC 8428 `v`, `vs`, `vb`, `vd`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value<'r> {
+    /// Finite.
+    Number(f64),
+    Text(&'r str),
+    Bool(bool),
+    /// Raw bytes (decoded from base64url in SenML JSON).
+    Data(&'r [u8]),
+}
+
+/// One resolved reading, borrowing the payload and the decoder's scratch buffers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadingRef<'r> {
+    /// Base name + name (SenML), or the topic without its first level (plain JSON).
+    pub stream: &'r str,
+    /// Milliseconds since the epoch.
+    pub time_ms: i64,
+    /// Whether the payload gave a time (`bt`/`t`, or `ts`); otherwise `time_ms` is "now".
+    pub has_time: bool,
+    /// `None` only for a record that carries just a sum.
+    pub value: Option<Value<'r>>,
+    /// Resolved sum (`bs` + `s`), finite.
+    pub sum: Option<f64>,
+    pub unit: Option<&'r str>,
+}
+
+impl ReadingRef<'_> {
+    /// The numeric value, if the reading has one.
+    pub fn number(&self) -> Option<f64> {
+        match self.value {
+            Some(Value::Number(x)) => Some(x),
+            _ => None,
+        }
+    }
+
+    /// An owned numeric [`Reading`] (allocates the stream and unit), `None` when not numeric.
+    pub fn to_reading(&self) -> Option<Reading> {
+        Some(Reading {
+            stream: self.stream.to_owned(),
+            time_ms: self.time_ms,
+            value: self.number()?,
+            unit: self.unit.map(str::to_owned),
+        })
+    }
+}
+
+impl<'r> From<&'r Reading> for ReadingRef<'r> {
+    /// A numeric reading as the contracts see it (its time counts as given).
+    fn from(r: &'r Reading) -> Self {
+        ReadingRef {
+            stream: &r.stream,
+            time_ms: r.time_ms,
+            has_time: true,
+            value: Some(Value::Number(r.value)),
+            sum: None,
+            unit: r.unit.as_deref(),
+        }
+    }
+}
+
+/// Decodes payloads with reusable buffers: keep one per pipeline.
+#[derive(Debug, Default)]
+pub struct PayloadDecoder {
+    limits: DecodeLimits,
+    scratch: Scratch,
+}
+
+/// Buffers reused across records and payloads.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Base name + name, when both are non-empty.
+    name: String,
+    /// A `vd` value decoded from base64url.
+    data: Vec<u8>,
+}
+
+impl PayloadDecoder {
+    pub fn new(limits: DecodeLimits) -> Self {
+        PayloadDecoder {
+            limits,
+            scratch: Scratch::default(),
+        }
+    }
+
+    pub fn limits(&self) -> &DecodeLimits {
+        &self.limits
+    }
+
+    /// Decodes one MQTT message and calls `each` with every reading, in pack order.
+    ///
+    /// On `Err`, `each` may already have been called for the records before the bad one; the
+    /// whole message is invalid and the caller discards them. `now_ms` (milliseconds since the
+    /// epoch) resolves SenML relative times and readings without a time.
+    pub fn decode_each<F: FnMut(ReadingRef<'_>)>(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        format: PayloadFormat,
+        now_ms: i64,
+        each: F,
+    ) -> Result<Decoded, DecodeError> {
+        let limits = &self.limits;
+        if payload.len() > limits.max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                bytes: payload.len(),
+                max: limits.max_payload_bytes,
+            });
+        }
+        if payload.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let syntax = match format {
+            PayloadFormat::Auto => sniff(payload)?,
+            PayloadFormat::SenmlJson => Syntax::SenmlJson,
+            PayloadFormat::SenmlCbor => Syntax::SenmlCbor,
+            PayloadFormat::PlainJson => Syntax::PlainJson,
+        };
+        let mut resolver = Resolver::new(limits, now_ms, &mut self.scratch, each);
+        match syntax {
+            Syntax::SenmlJson => senml_json(payload, &mut resolver)?,
+            Syntax::SenmlCbor => senml_cbor(payload, &mut resolver)?,
+            Syntax::PlainJson => plain_json(topic, payload, &mut resolver)?,
+        }
+        Ok(resolver.decoded)
+    }
+}
+
+/// Decode one MQTT message into owned numeric readings. Appends to `out` (does not clear it).
+/// On error appends nothing. Non-numeric readings are only counted.
 ///
 /// `now_ms` (milliseconds since the epoch) resolves SenML relative times and plain JSON readings
 /// without `ts`.
@@ -188,36 +367,15 @@ pub fn decode(
     now_ms: i64,
     out: &mut Vec<Reading>,
 ) -> Result<Decoded, DecodeError> {
-    if payload.len() > limits.max_payload_bytes {
-        return Err(DecodeError::TooLarge {
-            bytes: payload.len(),
-            max: limits.max_payload_bytes,
-        });
-    }
-    if payload.is_empty() {
-        return Err(DecodeError::Empty);
-    }
-    let syntax = match format {
-        PayloadFormat::Auto => sniff(payload)?,
-        PayloadFormat::SenmlJson => Syntax::SenmlJson,
-        PayloadFormat::SenmlCbor => Syntax::SenmlCbor,
-        PayloadFormat::PlainJson => Syntax::PlainJson,
-    };
     let start = out.len();
-    let mut resolver = Resolver::new(limits, now_ms, out);
-    let result = match syntax {
-        Syntax::SenmlJson => senml_json(payload, &mut resolver),
-        Syntax::SenmlCbor => senml_cbor(payload, &mut resolver),
-        Syntax::PlainJson => plain_json(topic, payload, &mut resolver),
-    };
-    let decoded = resolver.decoded;
-    match result {
-        Ok(()) => Ok(decoded),
-        Err(e) => {
-            out.truncate(start);
-            Err(e)
-        }
+    let mut decoder = PayloadDecoder::new(limits.clone());
+    let result = decoder.decode_each(topic, payload, format, now_ms, |r| {
+        out.extend(r.to_reading());
+    });
+    if result.is_err() {
+        out.truncate(start);
     }
+    result
 }
 
 /// A concrete format, after [`PayloadFormat::Auto`] has been resolved.
@@ -273,7 +431,7 @@ enum Field {
 enum Kind {
     Text,
     Number,
-    /// `vs`, `vb` or `vd`: its content is never used.
+    /// `vs`, `vb` or `vd`.
     OtherValue,
 }
 
@@ -392,9 +550,20 @@ struct RawRecord<'a> {
     value: Option<f64>,
     sum: Option<f64>,
     time: Option<f64>,
-    /// How many `vs`, `vb` and `vd` fields the record has.
+    /// The last `vs`, `vb` or `vd` field, and how many of them the record has.
+    other: Option<Other<'a>>,
     other_values: usize,
     must_understand: Option<String>,
+}
+
+/// A `vs`, `vb` or `vd` value as found in the payload.
+#[derive(Debug)]
+enum Other<'a> {
+    Text(Cow<'a, str>),
+    Bool(bool),
+    /// JSON `vd`: base64url text, decoded when the record is resolved.
+    Base64(Cow<'a, str>),
+    Bytes(Cow<'a, [u8]>),
 }
 
 /// Stores `v` unless the slot is taken; a repeated field is refused with its label.
@@ -431,6 +600,11 @@ impl<'a> RawRecord<'a> {
             _ => return Ok(()),
         };
         put(slot, x, field)
+    }
+
+    fn set_other(&mut self, v: Other<'a>) {
+        self.other = Some(v);
+        self.other_values += 1;
     }
 
     fn note_unknown(&mut self, key: Key) {
@@ -470,26 +644,28 @@ struct Base<'a> {
     time_s: Option<f64>,
     unit: Option<Cow<'a, str>>,
     value: Option<f64>,
-    has_sum: bool,
+    sum: Option<f64>,
 }
 
-/// Applies base fields to records and appends the readings they resolve to.
-struct Resolver<'a, 'o> {
+/// Applies base fields to records and hands the readings they resolve to to `each`.
+struct Resolver<'a, 'o, F> {
     limits: &'o DecodeLimits,
     now_ms: i64,
-    out: &'o mut Vec<Reading>,
+    scratch: &'o mut Scratch,
+    each: F,
     decoded: Decoded,
     /// Records seen so far.
     records: usize,
     base: Base<'a>,
 }
 
-impl<'a, 'o> Resolver<'a, 'o> {
-    fn new(limits: &'o DecodeLimits, now_ms: i64, out: &'o mut Vec<Reading>) -> Self {
+impl<'a, 'o, F: FnMut(ReadingRef<'_>)> Resolver<'a, 'o, F> {
+    fn new(limits: &'o DecodeLimits, now_ms: i64, scratch: &'o mut Scratch, each: F) -> Self {
         Resolver {
             limits,
             now_ms,
-            out,
+            scratch,
+            each,
             decoded: Decoded::default(),
             records: 0,
             base: Base::default(),
@@ -524,7 +700,9 @@ impl<'a, 'o> Resolver<'a, 'o> {
         if r.base_value.is_some() {
             self.base.value = r.base_value;
         }
-        self.base.has_sum |= r.base_sum.is_some();
+        if r.base_sum.is_some() {
+            self.base.sum = r.base_sum;
+        }
 
         let value_fields = usize::from(r.value.is_some()) + r.other_values;
         if value_fields > 1 {
@@ -532,39 +710,74 @@ impl<'a, 'o> Resolver<'a, 'o> {
                 "record {record} has more than one value"
             )));
         }
-        let has_sum = r.sum.is_some() || self.base.has_sum;
         if r.name.is_none() && value_fields == 0 && r.sum.is_none() {
             // Only base fields: nothing to measure.
             return Ok(());
         }
-        let base_name = self.base.name.as_deref();
-        let name_bytes = self.check_name(record, base_name, r.name.as_deref())?;
-        if r.value.is_none() && (r.other_values > 0 || has_sum) {
-            self.decoded.skipped_non_numeric += 1;
-            return Ok(());
-        }
-        let value = match (self.base.value, r.value) {
-            (Some(b), Some(v)) => b + v,
-            (None, Some(v)) => v,
-            (Some(b), None) => b,
-            (None, None) => return Err(DecodeError::MissingValue { record }),
+        let name_bytes = self.check_name(record, self.base.name.as_deref(), r.name.as_deref())?;
+        // Without a value field of its own, a record takes the base value and base sum.
+        let bare = value_fields == 0;
+        let number = match (self.base.value, r.value) {
+            (b, Some(v)) => Some(b.unwrap_or(0.0) + v),
+            (Some(b), None) if bare && r.sum.is_none() => Some(b),
+            _ => None,
         };
-        if !value.is_finite() {
+        let sum = match (self.base.sum, r.sum) {
+            (b, Some(s)) => Some(b.unwrap_or(0.0) + s),
+            (Some(b), None) if bare && number.is_none() => Some(b),
+            _ => None,
+        };
+        if number.is_some_and(|x| !x.is_finite()) || sum.is_some_and(|x| !x.is_finite()) {
             return Err(DecodeError::BadValue { record });
         }
+        if number.is_none() && r.other.is_none() && sum.is_none() {
+            return Err(DecodeError::MissingValue { record });
+        }
+        let has_time = self.base.time_s.is_some() || r.time.is_some();
         let time_s = self.base.time_s.unwrap_or(0.0) + r.time.unwrap_or(0.0);
         let time_ms = senml_time_ms(time_s, self.now_ms).ok_or(DecodeError::BadTime { record })?;
         let unit = r.unit.as_deref().or(self.base.unit.as_deref());
         self.check_unit(record, unit)?;
 
-        let mut stream = String::with_capacity(name_bytes);
-        stream.push_str(self.base.name.as_deref().unwrap_or(""));
-        stream.push_str(r.name.as_deref().unwrap_or(""));
-        let unit = unit.map(str::to_owned);
-        self.emit(Reading {
+        let scratch = &mut *self.scratch;
+        let stream = match (self.base.name.as_deref(), r.name.as_deref()) {
+            (Some(b), Some(n)) if !b.is_empty() && !n.is_empty() => {
+                scratch.name.clear();
+                scratch.name.reserve(name_bytes);
+                scratch.name.push_str(b);
+                scratch.name.push_str(n);
+                scratch.name.as_str()
+            }
+            (Some(b), Some("") | None) => b,
+            (_, Some(n)) => n,
+            // check_name refused a record without any name.
+            (None, None) => return Err(DecodeError::MissingName { record }),
+        };
+        let value = match &r.other {
+            None => number.map(Value::Number),
+            Some(Other::Text(s)) => Some(Value::Text(s)),
+            Some(Other::Bool(b)) => Some(Value::Bool(*b)),
+            Some(Other::Bytes(b)) => Some(Value::Data(b)),
+            Some(Other::Base64(text)) => {
+                if !base64url_decode(text, &mut scratch.data) {
+                    return Err(DecodeError::NotSenml(format!(
+                        "record {record}: `vd` is not base64url"
+                    )));
+                }
+                Some(Value::Data(&scratch.data))
+            }
+        };
+        if number.is_some() {
+            self.decoded.readings += 1;
+        } else {
+            self.decoded.non_numeric += 1;
+        }
+        (self.each)(ReadingRef {
             stream,
             time_ms,
+            has_time,
             value,
+            sum,
             unit,
         });
         Ok(())
@@ -618,17 +831,15 @@ impl<'a, 'o> Resolver<'a, 'o> {
         }
         Ok(())
     }
-
-    fn emit(&mut self, reading: Reading) {
-        self.out.push(reading);
-        self.decoded.readings += 1;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // SenML JSON.
 
-fn senml_json<'a>(payload: &'a [u8], resolver: &mut Resolver<'a, '_>) -> Result<(), DecodeError> {
+fn senml_json<'a, F: FnMut(ReadingRef<'_>)>(
+    payload: &'a [u8],
+    resolver: &mut Resolver<'a, '_, F>,
+) -> Result<(), DecodeError> {
     let mut failure = None;
     let mut de = serde_json::Deserializer::from_slice(payload);
     let parsed = PackSeed {
@@ -654,12 +865,12 @@ fn json_error(e: serde_json::Error, shape: fn(String) -> DecodeError) -> DecodeE
 }
 
 /// Streams the pack's records into the resolver as they are parsed.
-struct PackSeed<'r, 'a, 'o> {
-    resolver: &'r mut Resolver<'a, 'o>,
+struct PackSeed<'r, 'a, 'o, F> {
+    resolver: &'r mut Resolver<'a, 'o, F>,
     failure: &'r mut Option<DecodeError>,
 }
 
-impl<'a> DeserializeSeed<'a> for PackSeed<'_, 'a, '_> {
+impl<'a, F: FnMut(ReadingRef<'_>)> DeserializeSeed<'a> for PackSeed<'_, 'a, '_, F> {
     type Value = ();
 
     fn deserialize<D: de::Deserializer<'a>>(self, d: D) -> Result<(), D::Error> {
@@ -667,7 +878,7 @@ impl<'a> DeserializeSeed<'a> for PackSeed<'_, 'a, '_> {
     }
 }
 
-impl<'a> Visitor<'a> for PackSeed<'_, 'a, '_> {
+impl<'a, F: FnMut(ReadingRef<'_>)> Visitor<'a> for PackSeed<'_, 'a, '_, F> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -715,8 +926,12 @@ impl<'a> Visitor<'a> for RecordVisitor {
                 Kind::Text => r.set_text(field, map.next_value::<Text<'a>>()?.0),
                 Kind::Number => r.set_number(field, map.next_value::<f64>()?),
                 Kind::OtherValue => {
-                    map.next_value::<IgnoredAny>()?;
-                    r.other_values += 1;
+                    let other = match field {
+                        Field::BoolValue => Other::Bool(map.next_value::<bool>()?),
+                        Field::DataValue => Other::Base64(map.next_value::<Text<'a>>()?.0),
+                        _ => Other::Text(map.next_value::<Text<'a>>()?.0),
+                    };
+                    r.set_other(other);
                     Ok(())
                 }
             };
@@ -729,22 +944,22 @@ impl<'a> Visitor<'a> for RecordVisitor {
 /// A JSON string, borrowed from the payload unless it had escapes.
 struct Text<'a>(Cow<'a, str>);
 
-impl<'a> serde::Deserialize<'a> for Text<'a> {
-    fn deserialize<D: de::Deserializer<'a>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(TextVisitor)
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(TextVisitor(std::marker::PhantomData))
     }
 }
 
-struct TextVisitor;
+struct TextVisitor<'a>(std::marker::PhantomData<&'a ()>);
 
-impl<'a> Visitor<'a> for TextVisitor {
+impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
     type Value = Text<'a>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a string")
     }
 
-    fn visit_borrowed_str<E: de::Error>(self, s: &'a str) -> Result<Text<'a>, E> {
+    fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Text<'a>, E> {
         Ok(Text(Cow::Borrowed(s)))
     }
 
@@ -763,7 +978,10 @@ impl<'a> Visitor<'a> for TextVisitor {
 /// Deepest nesting of a value under an unknown label that is skipped rather than refused.
 pub const MAX_CBOR_DEPTH: usize = 16;
 
-fn senml_cbor<'a>(payload: &'a [u8], resolver: &mut Resolver<'a, '_>) -> Result<(), DecodeError> {
+fn senml_cbor<'a, F: FnMut(ReadingRef<'_>)>(
+    payload: &'a [u8],
+    resolver: &mut Resolver<'a, '_, F>,
+) -> Result<(), DecodeError> {
     let mut d = Decoder::new(payload);
     let len = match datatype(&d)? {
         Type::Array | Type::ArrayIndef => d.array().map_err(not_cbor)?,
@@ -851,8 +1069,12 @@ fn cbor_record<'a>(d: &mut Decoder<'a>, record: usize) -> Result<RawRecord<'a>, 
                 r.set_number(field, x)
             }
             Kind::OtherValue => {
-                skip_value(d, 1)?;
-                r.other_values += 1;
+                let other = match field {
+                    Field::BoolValue => Other::Bool(cbor_bool(d, record)?),
+                    Field::DataValue => Other::Bytes(cbor_bytes(d, record)?),
+                    _ => Other::Text(cbor_text(d, record, what)?),
+                };
+                r.set_other(other);
                 Ok(())
             }
         };
@@ -901,6 +1123,31 @@ fn cbor_text<'a>(
         }
         other => Err(DecodeError::NotSenml(format!(
             "record {record}: `{what}` is a {other}, not text"
+        ))),
+    }
+}
+
+fn cbor_bool(d: &mut Decoder<'_>, record: usize) -> Result<bool, DecodeError> {
+    match datatype(d)? {
+        Type::Bool => d.bool().map_err(not_cbor),
+        other => Err(DecodeError::NotSenml(format!(
+            "record {record}: `vb` is a {other}, not a boolean"
+        ))),
+    }
+}
+
+fn cbor_bytes<'a>(d: &mut Decoder<'a>, record: usize) -> Result<Cow<'a, [u8]>, DecodeError> {
+    match datatype(d)? {
+        Type::Bytes => Ok(Cow::Borrowed(d.bytes().map_err(not_cbor)?)),
+        Type::BytesIndef => {
+            let mut v = Vec::new();
+            for chunk in d.bytes_iter().map_err(not_cbor)? {
+                v.extend_from_slice(chunk.map_err(not_cbor)?);
+            }
+            Ok(Cow::Owned(v))
+        }
+        other => Err(DecodeError::NotSenml(format!(
+            "record {record}: `vd` is a {other}, not a byte string"
         ))),
     }
 }
@@ -965,22 +1212,23 @@ fn skip_value(d: &mut Decoder<'_>, depth: usize) -> Result<(), DecodeError> {
 // Plain JSON.
 
 #[derive(serde::Deserialize)]
-struct PlainReading {
+struct PlainReading<'a> {
     value: Option<f64>,
     ts: Option<serde_json::Number>,
-    unit: Option<String>,
+    #[serde(borrow)]
+    unit: Option<Text<'a>>,
 }
 
-fn plain_json(
+fn plain_json<F: FnMut(ReadingRef<'_>)>(
     topic: &str,
     payload: &[u8],
-    resolver: &mut Resolver<'_, '_>,
+    resolver: &mut Resolver<'_, '_, F>,
 ) -> Result<(), DecodeError> {
     // serde would also accept the struct written as an array.
     if payload.iter().copied().find(|&b| !is_json_whitespace(b)) != Some(b'{') {
         return Err(DecodeError::NotPlainJson("expected a JSON object".into()));
     }
-    let plain: PlainReading =
+    let plain: PlainReading<'_> =
         serde_json::from_slice(payload).map_err(|e| json_error(e, DecodeError::NotPlainJson))?;
     let record = 0;
     let stream = topic.split_once('/').map_or(topic, |(_, rest)| rest);
@@ -989,16 +1237,20 @@ fn plain_json(
     if !value.is_finite() {
         return Err(DecodeError::BadValue { record });
     }
-    let time_ms = match plain.ts {
+    let time_ms = match &plain.ts {
         None => resolver.now_ms,
-        Some(ts) => plain_time_ms(&ts).ok_or(DecodeError::BadTime { record })?,
+        Some(ts) => plain_time_ms(ts).ok_or(DecodeError::BadTime { record })?,
     };
-    resolver.check_unit(record, plain.unit.as_deref())?;
-    resolver.emit(Reading {
-        stream: stream.to_owned(),
+    let unit = plain.unit.as_ref().map(|u| &*u.0);
+    resolver.check_unit(record, unit)?;
+    resolver.decoded.readings += 1;
+    (resolver.each)(ReadingRef {
+        stream,
         time_ms,
-        value,
-        unit: plain.unit,
+        has_time: plain.ts.is_some(),
+        value: Some(Value::Number(value)),
+        sum: None,
+        unit,
     });
     Ok(())
 }
@@ -1013,6 +1265,39 @@ fn plain_time_ms(ts: &serde_json::Number) -> Option<i64> {
         return None;
     }
     ms_to_i64(ms)
+}
+
+/// Decodes base64url (RFC 4648 section 5; padding optional, as RFC 8428 writes none) into `out`.
+/// `false` when `text` is not base64url.
+fn base64url_decode(text: &str, out: &mut Vec<u8>) -> bool {
+    fn sextet(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        } as u32)
+    }
+    out.clear();
+    let bytes = text.trim_end_matches('=').as_bytes();
+    if bytes.len() % 4 == 1 {
+        return false;
+    }
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for &c in chunk {
+            match sextet(c) {
+                Some(s) => acc = (acc << 6) | s,
+                None => return false,
+            }
+        }
+        acc <<= 6 * (4 - chunk.len() as u32);
+        let [_, a, b, c] = acc.to_be_bytes();
+        out.extend_from_slice(&[a, b, c][..chunk.len() - 1]);
+    }
+    true
 }
 
 #[cfg(test)]
@@ -1257,7 +1542,7 @@ mod tests {
             decoded,
             Decoded {
                 readings: 1,
-                skipped_non_numeric: 0
+                non_numeric: 0
             }
         );
     }
@@ -1276,8 +1561,162 @@ mod tests {
             decoded,
             Decoded {
                 readings: 1,
-                skipped_non_numeric: 5
+                non_numeric: 5
             }
+        );
+    }
+
+    /// Every reading of a payload through the borrowed API, as owned values for comparing.
+    fn each(payload: &[u8], topic: &str) -> Result<Vec<String>, DecodeError> {
+        let mut decoder = PayloadDecoder::new(DecodeLimits::default());
+        let mut seen = Vec::new();
+        decoder.decode_each(topic, payload, PayloadFormat::Auto, NOW_MS, |r| {
+            let at = if r.has_time {
+                (r.time_ms - NOW_MS).to_string()
+            } else {
+                "now".into()
+            };
+            seen.push(format!(
+                "{} {at} {:?} sum={:?} unit={:?}",
+                r.stream, r.value, r.sum, r.unit
+            ));
+        })?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn every_value_type_and_sums_reach_the_borrowed_api() {
+        let json = br#"[{"bn":"d/","bt":-10,"n":"s","vs":"on"},{"n":"b","vb":false,"t":1},
+            {"n":"x","vd":"AQID_-8"},{"n":"e","s":10.5},{"bs":100,"n":"v","v":1,"s":2},
+            {"n":"f"},{"bv":7,"n":"g"}]"#;
+        let want = [
+            r#"d/s -10000 Some(Text("on")) sum=None unit=None"#,
+            r#"d/b -9000 Some(Bool(false)) sum=None unit=None"#,
+            r#"d/x -10000 Some(Data([1, 2, 3, 255, 239])) sum=None unit=None"#,
+            r#"d/e -10000 None sum=Some(10.5) unit=None"#,
+            r#"d/v -10000 Some(Number(1.0)) sum=Some(102.0) unit=None"#,
+            r#"d/f -10000 None sum=Some(100.0) unit=None"#,
+            r#"d/g -10000 Some(Number(7.0)) sum=None unit=None"#,
+        ];
+        assert_eq!(each(json, "t").unwrap(), want);
+        // The same pack in CBOR: vd is a byte string there.
+        // [{-2:"d/",-3:-10,0:"s",3:"on"},{0:"b",4:false,6:1},{0:"x",8:h'010203ffef'},
+        //  {0:"e",5:10.5},{-6:100,0:"v",2:1,5:2},{0:"f"},{-5:7,0:"g"}]
+        let cbor = hex(
+            "87 a4 21 62 64 2f 22 29 00 61 73 03 62 6f 6e  a3 00 61 62 04 f4 06 01 \
+             a2 00 61 78 08 45 01 02 03 ff ef  a2 00 61 65 05 f9 49 40 \
+             a4 25 18 64 00 61 76 02 01 05 02  a1 00 61 66  a2 24 07 00 61 67",
+        );
+        assert_eq!(each(&cbor, "t").unwrap(), want);
+        let (numeric, counts) =
+            decode_with(&cbor, PayloadFormat::Auto, &DecodeLimits::default()).unwrap();
+        assert_eq!(numeric.len(), 2);
+        assert_eq!(
+            counts,
+            Decoded {
+                readings: 2,
+                non_numeric: 5
+            }
+        );
+    }
+
+    #[test]
+    fn times_given_or_defaulted_are_told_apart() {
+        let got = each(br#"[{"n":"a","v":1},{"n":"b","v":1,"t":0}]"#, "t").unwrap();
+        assert_eq!(got[0], "a now Some(Number(1.0)) sum=None unit=None");
+        assert_eq!(got[1], "b 0 Some(Number(1.0)) sum=None unit=None");
+        let got = each(br#"{"value":2,"unit":"W"}"#, "sensors/n/p").unwrap();
+        assert_eq!(
+            got,
+            [r#"n/p now Some(Number(2.0)) sum=None unit=Some("W")"#]
+        );
+    }
+
+    #[test]
+    fn bad_data_values_refuse_the_pack() {
+        for p in [
+            &br#"[{"n":"x","vd":"A"}]"#[..],
+            br#"[{"n":"x","vd":"AQ*D"}]"#,
+            br#"[{"n":"x","vb":1}]"#,
+            br#"[{"n":"x","vs":true}]"#,
+            br#"[{"n":"x","v":1,"bs":1e308,"s":1e308}]"#,
+        ] {
+            assert!(
+                each(p, "t").is_err(),
+                "{} decoded",
+                String::from_utf8_lossy(p)
+            );
+        }
+        // CBOR: vd must be a byte string, vb a boolean.
+        assert!(each(&hex("81 a2 00 61 78 08 61 41"), "t").is_err());
+        assert!(each(&hex("81 a2 00 61 78 04 01"), "t").is_err());
+    }
+
+    #[test]
+    fn base64url_with_and_without_padding() {
+        let mut out = Vec::new();
+        for (text, want) in [
+            ("", &b""[..]),
+            ("Zg", b"f"),
+            ("Zg==", b"f"),
+            ("Zm8", b"fo"),
+            ("Zm9v", b"foo"),
+            ("_-8", &[0xff, 0xef][..]),
+        ] {
+            assert!(base64url_decode(text, &mut out), "{text}");
+            assert_eq!(out, want, "{text}");
+        }
+        for bad in ["Z", "Zm9vY", "Zm+v", "Zm/v", "Zm 9"] {
+            assert!(!base64url_decode(bad, &mut out), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_and_units_are_borrowed_from_the_payload() {
+        let payload = br#"[{"n":"node-1/temperature","u":"Cel","v":1}]"#;
+        let range = payload.as_ptr_range();
+        let mut decoder = PayloadDecoder::new(DecodeLimits::default());
+        let mut borrowed = 0;
+        decoder
+            .decode_each("t", payload, PayloadFormat::Auto, NOW_MS, |r| {
+                for s in [r.stream, r.unit.unwrap_or_default()] {
+                    if range.contains(&s.as_ptr()) {
+                        borrowed += 1;
+                    }
+                }
+            })
+            .unwrap();
+        assert_eq!(borrowed, 2);
+    }
+
+    #[test]
+    fn topic_formats_pick_the_first_matching_rule() {
+        let formats = TopicFormats::build(
+            &[
+                TopicFormat {
+                    topic: "legacy/#".into(),
+                    format: PayloadFormat::PlainJson,
+                },
+                TopicFormat {
+                    topic: "+/cbor".into(),
+                    format: PayloadFormat::SenmlCbor,
+                },
+            ],
+            PayloadFormat::Auto,
+        )
+        .unwrap();
+        assert_eq!(formats.format_for("legacy/a/b"), PayloadFormat::PlainJson);
+        assert_eq!(formats.format_for("n1/cbor"), PayloadFormat::SenmlCbor);
+        assert_eq!(formats.format_for("sensors/n1"), PayloadFormat::Auto);
+        assert!(
+            TopicFormats::build(
+                &[TopicFormat {
+                    topic: "a/#/b".into(),
+                    format: PayloadFormat::Auto
+                }],
+                PayloadFormat::Auto
+            )
+            .is_err()
         );
     }
 
@@ -1350,7 +1789,7 @@ mod tests {
         let (out, decoded) =
             decode_with(&cbor, PayloadFormat::Auto, &DecodeLimits::default()).unwrap();
         assert_eq!(out, [r("d/v", NOW_MS, 1.0, None)]);
-        assert_eq!(decoded.skipped_non_numeric, 3);
+        assert_eq!(decoded.non_numeric, 3);
     }
 
     #[test]
@@ -1418,7 +1857,7 @@ mod tests {
             decoded,
             Decoded {
                 readings: 3,
-                skipped_non_numeric: 0
+                non_numeric: 0
             }
         );
     }
@@ -1836,7 +2275,7 @@ mod tests {
             let n = encode_pack(&base, bt_ms as f64 / 1000.0, &records, &mut buf).unwrap();
             let mut out = Vec::new();
             let d = decode("sensors/x", &buf[..n], PayloadFormat::Auto, &DecodeLimits::default(), NOW_MS, &mut out).unwrap();
-            prop_assert_eq!(d, Decoded { readings: recs.len(), skipped_non_numeric: 0 });
+            prop_assert_eq!(d, Decoded { readings: recs.len(), non_numeric: 0 });
             prop_assert_eq!(out, expected(&base, bt_ms, &recs));
         }
 

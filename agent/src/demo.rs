@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use edgewise_cloud::{Receiver, ServerConfig, Store as CloudStore, SummaryQuery};
+use edgewise_cloud::store::MAX_QUERY_LIMIT;
+use edgewise_cloud::{
+    Receiver, ServerConfig, Store as CloudStore, SummaryFilter, SummaryKey, SummaryQuery,
+};
 use edgewise_firmware::sim::{Faults, SimConfig, Simulator};
 use tokio::time::Instant;
 
@@ -192,21 +195,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
     }
 
     // The cloud's view, straight from its database.
-    let cloud = CloudStore::open(&cloud_db)?;
-    let stored = cloud.summaries(&SummaryQuery {
-        device: Some(DEVICE.into()),
-        stream: None,
-        from_ms: None,
-        to_ms: None,
-        limit: usize::MAX,
-    })?;
-    let mut keys: Vec<(String, i64)> = stored
-        .iter()
-        .map(|s| (s.summary.stream.clone(), s.summary.window_start_ms))
-        .collect();
-    keys.sort();
-    keys.dedup();
-    let stored_readings: u64 = stored.iter().map(|s| s.summary.count).sum();
+    let stored = CloudTotals::read(&cloud_db, DEVICE)?;
     let summary_bytes = metrics.sync_bytes_sent.get();
 
     let m = &metrics;
@@ -242,9 +231,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
     println!("windows closed        {:>8}", m.windows_closed.get());
     println!(
         "summaries at cloud    {:>8} ({} distinct windows, {} readings)",
-        stored.len(),
-        keys.len(),
-        stored_readings
+        stored.rows, stored.distinct_windows, stored.readings
     );
     println!("still buffered        {:>8}", m.outbox_rows.get());
     println!(
@@ -266,11 +253,11 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         ),
         (
             "every closed window is at the cloud exactly once",
-            stored.len() as u64 == m.windows_closed.get() && keys.len() == stored.len(),
+            stored.rows == m.windows_closed.get() && stored.distinct_windows == stored.rows,
         ),
         (
             "the stored summaries count exactly the accepted readings",
-            stored_readings == m.readings_accepted.get(),
+            stored.readings == m.readings_accepted.get(),
         ),
         ("nothing is left buffered", m.outbox_rows.get() == 0),
     ];
@@ -282,6 +269,57 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
     }
     println!("\n{}", if ok { "demo passed" } else { "demo FAILED" });
     Ok(ok)
+}
+
+/// What the receiver stored for one device: summaries, the readings they count, and distinct
+/// `(stream, window start)` keys (equal to `rows` when no window is there twice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloudTotals {
+    pub rows: u64,
+    pub readings: u64,
+    pub distinct_windows: u64,
+}
+
+impl CloudTotals {
+    /// Reads the receiver's SQLite database at `db` (blocking), page by page: a query returns
+    /// at most `MAX_QUERY_LIMIT` rows.
+    pub fn read(db: &Path, device: &str) -> anyhow::Result<CloudTotals> {
+        let store = CloudStore::open(db)?;
+        let mut filter = SummaryFilter {
+            query: SummaryQuery {
+                device: Some(device.into()),
+                stream: None,
+                from_ms: None,
+                to_ms: None,
+                limit: MAX_QUERY_LIMIT,
+            },
+            ..SummaryFilter::default()
+        };
+        let mut keys: Vec<(String, i64)> = Vec::new();
+        let mut totals = CloudTotals {
+            rows: 0,
+            readings: 0,
+            distinct_windows: 0,
+        };
+        loop {
+            let page = store.summary_page(&filter)?;
+            for s in &page {
+                totals.rows += 1;
+                totals.readings += s.summary.count;
+                keys.push((s.summary.stream.clone(), s.summary.window_start_ms));
+            }
+            match page.last() {
+                Some(last) if page.len() == MAX_QUERY_LIMIT => {
+                    filter.after = Some(SummaryKey::of(last));
+                }
+                _ => break,
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        totals.distinct_windows = keys.len() as u64;
+        Ok(totals)
+    }
 }
 
 fn demo_config(

@@ -5,7 +5,8 @@
 //!   features feed the model in which order and how they are normalised, which output column is
 //!   the score, the alert threshold, batch size and max wait, how often the model file is watched.
 //! - [`features`]: pure: a [`WindowSummary`] -> one row of normalised `f32` features.
-//! - [`model`]: [`Scorer`]: one ONNX model loaded with tract (optimized, symbolic batch dimension),
+//! - [`model`]: [`Scorer`]: one ONNX model loaded with tract (optimized twice: with the batch
+//!   dimension fixed to `batch_size` for full batches, and symbolic for any other count),
 //!   validated against the configured inputs, scoring summaries in batches.
 //! - [`swap`]: [`SwappableScorer`]: a `Scorer` whose model can be replaced without a restart, by
 //!   an atomic rename of the model file (watched) or a reload command ([`ReloadHandle`]).

@@ -20,11 +20,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, TlsConfiguration,
+    Transport,
+};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::{AgentConfig, parse_mqtt_url};
+use crate::config::{AgentConfig, BrokerUrl};
 use crate::metrics::Metrics;
 use crate::pipeline::{Message, Pipeline};
 
@@ -33,14 +36,27 @@ use crate::pipeline::{Message, Pipeline};
 /// event loop waits for the pipeline: no deadlock.
 const REQUEST_CHANNEL_CAPACITY: usize = u16::MAX as usize + 64;
 
-/// Builds the client and its event loop from the config.
+/// Builds the client and its event loop from the config: TLS for `mqtts://` (a certificate that
+/// does not verify fails the connection, which is retried with back-off and logged; it never
+/// falls back to plaintext), and the user name and password when configured.
 pub fn connect(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop), String> {
-    let (host, port) = parse_mqtt_url(&cfg.mqtt.url)?;
-    let mut opts = MqttOptions::new(cfg.client_id(), host, port);
+    let url = BrokerUrl::parse(&cfg.mqtt.url).map_err(|e| format!("mqtt.url: {e}"))?;
+    let mut opts = MqttOptions::new(cfg.client_id(), url.host, url.port);
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_seconds))
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_max_packet_size(cfg.mqtt.max_packet_bytes, cfg.mqtt.max_packet_bytes);
+    if url.tls {
+        let tls = cfg
+            .mqtt
+            .tls
+            .client_config("mqtt.tls", &[])
+            .map_err(|e| e.to_string())?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
+    if let Some((user, password)) = cfg.mqtt_credentials().map_err(|e| e.to_string())? {
+        opts.set_credentials(user, password.expose());
+    }
     Ok(AsyncClient::new(opts, REQUEST_CHANNEL_CAPACITY))
 }
 
@@ -94,11 +110,55 @@ pub async fn run_connection(
                     return;
                 }
                 metrics.mqtt_connection_errors.inc();
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection failed");
+                match refusal(&e) {
+                    // Configuration or security problems: loud, and retried (an operator may fix
+                    // the broker's certificate or the credentials without restarting us).
+                    Some(why) => {
+                        tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection refused: {why}")
+                    }
+                    None => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection failed")
+                    }
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(max_backoff);
             }
         }
+    }
+}
+
+/// Why a connection error is a refusal (TLS or credentials) rather than the network, in words.
+pub fn refusal(e: &rumqttc::ConnectionError) -> Option<&'static str> {
+    use rumqttc::{ConnectReturnCode, ConnectionError};
+    match e {
+        ConnectionError::Tls(_) => Some(
+            "the TLS handshake failed (broker certificate not trusted, expired or for another \
+             host, or our client certificate refused); not falling back to plaintext",
+        ),
+        ConnectionError::ConnectionRefused(
+            ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
+        ) => Some(
+            "the broker refused our user name and password (mqtt.username, mqtt.password_file)",
+        ),
+        // With TLS 1.3 the server checks our certificate after our side of the handshake is
+        // done, so its refusal arrives as an alert on the first read.
+        ConnectionError::MqttState(state) if state.to_string().contains("received fatal alert") => {
+            Some(
+                "the broker ended the TLS session with an alert: usually our client certificate \
+                 (mqtt.tls.client_cert_file) is missing or not signed by a CA it trusts",
+            )
+        }
+        // Bytes that do not frame as MQTT, typically a TLS server's alert read by a plaintext
+        // client.
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(framing))
+            if !matches!(framing, rumqttc::mqttbytes::Error::Io(_)) =>
+        {
+            Some(
+                "the broker answered with bytes that are not MQTT: if that port serves TLS, \
+                 use mqtts:// (and [mqtt.tls])",
+            )
+        }
+        _ => None,
     }
 }
 

@@ -15,6 +15,9 @@
 //! - [`ingest`]: the MQTT connection and the group-commit loop that acks after the commit.
 //! - [`sync`]: the outbox -> `POST /v1/ingest`, deleted only after the receiver's ack.
 //! - [`http`]: `/metrics` and `/healthz`.
+//! - [`tls`]: TLS client settings for the broker and the cloud (CA file or system roots, pins,
+//!   client certificates); [`secret`]: the token and password, from files or the environment.
+//! - [`service`]: systemd notifications (readiness, watchdog) and the SIGHUP reload plan.
 //! - [`broker`] (feature `embedded-broker`): an MQTT broker inside the agent.
 //! - [`demo`] (feature `demo`): broker, simulated sensors, agent and receiver in one process.
 //!
@@ -28,8 +31,11 @@ pub mod infer;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;
+pub mod secret;
+pub mod service;
 pub mod store;
 pub mod sync;
+pub mod tls;
 pub mod window;
 
 #[cfg(feature = "embedded-broker")]
@@ -87,6 +93,9 @@ impl Agent {
     /// connection, the pipeline and the uploader. `cfg` must have passed [`AgentConfig::problems`].
     pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
         install_crypto_provider();
+        for w in cfg.warnings() {
+            tracing::warn!(key = %w.key, "insecure configuration: {}", w.message);
+        }
         let metrics = Arc::new(Metrics::default());
         let pipeline = {
             let (cfg, metrics) = (cfg.clone(), metrics.clone());

@@ -1,13 +1,22 @@
 //! `edgewise-agent`: run the agent, check a config, or run the self-contained demo.
+//!
+//! `run` behaves as a systemd service (`Type=notify`, see `deploy/edgewise-agent.service`):
+//! `READY=1` once the store is open and `/healthz` is served, `WATCHDOG=1` every half
+//! `WatchdogSec` after a successful local `/healthz` probe, SIGHUP re-reads and checks the config
+//! and applies it (see [`edgewise_agent::service`]), SIGTERM or Ctrl-C stops cleanly. With the
+//! `embedded-broker` feature, `--embedded-broker ADDR` runs an MQTT broker in the process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use edgewise_agent::Agent;
 use edgewise_agent::config::{AgentConfig, ConfigError};
+use edgewise_agent::service::{LoadedConfig, Notifier, ReloadPlan, plan_reload};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// Longest clean shutdown after SIGTERM before the agent exits anyway.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(6);
@@ -27,6 +36,11 @@ enum Command {
     Run {
         #[arg(long, short, env = "EDGEWISE_AGENT_CONFIG")]
         config: PathBuf,
+        /// Also run an MQTT broker in this process, listening here (e.g. 0.0.0.0:1883); point
+        /// `mqtt.url` at it.
+        #[cfg(feature = "embedded-broker")]
+        #[arg(long, env = "EDGEWISE_EMBEDDED_BROKER")]
+        embedded_broker: Option<std::net::SocketAddr>,
     },
     /// Validate a config file; print every problem with its key path (exit 1 if any).
     Check {
@@ -41,6 +55,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     let cli = Cli::parse();
     init_logging(match cli.command {
         Command::Run { .. } => "info",
@@ -50,7 +65,7 @@ fn main() -> ExitCode {
         Command::Demo(_) => "error,rumqttd=off,edgewise_agent::sync=off",
         _ => "warn",
     });
-    match run(cli.command) {
+    match run(cli.command, started) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -60,25 +75,46 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    // Under systemd the journal adds the time and cannot show colours.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(!journal && std::io::stderr().is_terminal());
+    if journal {
+        logs.without_time().init();
+    } else {
+        logs.init();
+    }
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
+fn run(command: Command, started: Instant) -> anyhow::Result<ExitCode> {
     match command {
         Command::Check { config } => Ok(check(&config)),
         Command::ExampleConfig => {
             print!("{}", edgewise_agent::config::EXAMPLE);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config } => {
-            let cfg = AgentConfig::load(&config)?;
+        Command::Run {
+            config,
+            #[cfg(feature = "embedded-broker")]
+            embedded_broker,
+        } => {
+            let loaded = LoadedConfig::load(&config)?;
+            #[cfg(feature = "embedded-broker")]
+            if let Some(listen) = embedded_broker {
+                let broker = edgewise_agent::broker::EmbeddedBroker::start(
+                    listen,
+                    loaded.cfg.mqtt.max_packet_bytes,
+                )
+                .context("starting the embedded MQTT broker")?;
+                tracing::info!(listen = %broker.addr, "embedded MQTT broker started");
+            }
             let rt = runtime()?;
-            let result = rt.block_on(run_agent(cfg));
+            let result = rt.block_on(run_agent(&config, loaded, started));
             // A blocking SQLite call still running must not hold the exit up for long: its
             // transaction either commits or is rolled back by SQLite on the next open.
             rt.shutdown_timeout(SHUTDOWN_LINGER);
@@ -107,6 +143,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn check(path: &std::path::Path) -> ExitCode {
     match AgentConfig::load(path) {
         Ok(cfg) => {
+            for w in cfg.warnings() {
+                println!("warning: {w}");
+            }
+            // Files named in the config are read as `run` would: a problem there fails `check`.
+            let problems = edgewise_agent::config::file_problems(&cfg);
+            if !problems.is_empty() {
+                println!("{}: {} problem(s):", path.display(), problems.len());
+                for p in problems {
+                    println!("  - {p}");
+                }
+                return ExitCode::FAILURE;
+            }
             // Only a warning: systemd may provide EDGEWISE_SYNC_TOKEN at run time, which this
             // shell does not see. `run` refuses to start without a token.
             if let Err(e) = cfg.sync_token() {
@@ -139,32 +187,139 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run_agent(cfg: AgentConfig) -> anyhow::Result<()> {
-    let agent = edgewise_agent::Agent::start(cfg)
+async fn run_agent(path: &Path, loaded: LoadedConfig, started: Instant) -> anyhow::Result<()> {
+    let notifier = Notifier::from_env().context("opening the NOTIFY_SOCKET")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut running = loaded;
+    let mut token = running.cfg.sync_token().ok();
+    let mut agent = Agent::start(running.cfg.clone())
         .await
         .context("starting the agent")?;
-    wait_for_signal().await?;
+    let ready_ms = started.elapsed().as_millis();
+    tracing::info!(ready_ms, http = %agent.http_addr(), "ready");
+    notifier.send(&format!(
+        "READY=1\nSTATUS=running, ready after {ready_ms} ms"
+    ));
+    let watchdog = edgewise_agent::service::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; break; }
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                notifier.send("RELOADING=1\nSTATUS=reloading the config");
+                let new_token = running.cfg.sync_token().ok();
+                let plan = plan_reload(&running, LoadedConfig::load(path), new_token != token);
+                (agent, running) = reload(agent, running, plan).await?;
+                token = running.cfg.sync_token().ok();
+                notifier.send("READY=1\nSTATUS=running");
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                // Only a runtime that still serves its own /healthz keeps systemd's watchdog fed.
+                let probe = watchdog.unwrap_or_default() / 2;
+                match tokio::time::timeout(probe, healthz_ok(agent.http_addr())).await {
+                    Ok(Ok(())) => notifier.send("WATCHDOG=1"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "watchdog: /healthz probe failed"),
+                    Err(_) => tracing::warn!("watchdog: /healthz probe timed out"),
+                }
+            }
+        }
+    }
     tracing::info!("shutting down");
+    notifier.send("STOPPING=1\nSTATUS=stopping");
+    if let Err(e) = stop(agent).await {
+        tracing::warn!("{e:#}; exiting anyway");
+    } else {
+        tracing::info!("stopped");
+    }
+    Ok(())
+}
+
+/// Stops the agent cleanly within [`SHUTDOWN_TIMEOUT`]; an error if it did not.
+async fn stop(agent: Agent) -> anyhow::Result<()> {
     if tokio::time::timeout(SHUTDOWN_TIMEOUT, agent.stop())
         .await
         .is_err()
     {
         // Nothing acked is at risk: acks follow commits, unacked messages are redelivered.
-        tracing::warn!(
-            timeout_s = SHUTDOWN_TIMEOUT.as_secs(),
-            "clean shutdown took too long; exiting anyway"
+        anyhow::bail!(
+            "clean shutdown took longer than {} s",
+            SHUTDOWN_TIMEOUT.as_secs()
         );
     }
-    tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
-        _ = term.recv() => {}
+/// Carries out a reload plan. Returns the agent that runs afterwards (the old one when nothing
+/// is applied or the new config fails to start); an error only when the old agent could not be
+/// stopped or restarted, so systemd restarts the whole process.
+async fn reload(
+    agent: Agent,
+    running: LoadedConfig,
+    plan: ReloadPlan,
+) -> anyhow::Result<(Agent, LoadedConfig)> {
+    let (next, applied, need_restart) = match plan {
+        ReloadPlan::Invalid(e) => {
+            tracing::error!("reload refused, the running config stays: {e}");
+            return Ok((agent, running));
+        }
+        ReloadPlan::Unchanged => {
+            tracing::info!("reload: the config is unchanged");
+            return Ok((agent, running));
+        }
+        ReloadPlan::RestartOnly { need_restart } => {
+            warn_restart_only(&need_restart);
+            return Ok((agent, running));
+        }
+        ReloadPlan::Apply {
+            next,
+            applied,
+            need_restart,
+        } => (*next, applied, need_restart),
+    };
+    warn_restart_only(&need_restart);
+    tracing::info!(keys = %applied.join(", "), "reload: applying changed keys (the agent's tasks restart)");
+    stop(agent).await.context("reload: stopping the agent")?;
+    match Agent::start(next.cfg.clone()).await {
+        Ok(agent) => {
+            tracing::info!(keys = %applied.join(", "), "reload: applied");
+            Ok((agent, next))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload: the new config does not start; going back to the running one");
+            let agent = Agent::start(running.cfg.clone())
+                .await
+                .context("reload: restarting with the previous config")?;
+            Ok((agent, running))
+        }
     }
-    Ok(())
+}
+
+fn warn_restart_only(keys: &[String]) {
+    if !keys.is_empty() {
+        tracing::warn!(
+            keys = %keys.join(", "),
+            "reload: these changed keys need a restart (systemctl restart edgewise-agent); they keep their running values"
+        );
+    }
+}
+
+/// `GET /healthz` on the agent's own endpoint answers 200.
+async fn healthz_ok(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await?;
+    if head.starts_with(b"HTTP/1.") && &head[8..] == b" 200" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "unexpected answer {:?}",
+            String::from_utf8_lossy(&head)
+        )))
+    }
 }

@@ -64,6 +64,99 @@ impl ReasonCounter {
     }
 }
 
+/// Rejections by contract (its pattern as written, or `none`) and reason. Bounded: contracts
+/// come from the config and reasons are `&'static str`.
+#[derive(Debug, Default)]
+pub struct ContractCounter(Mutex<BTreeMap<String, BTreeMap<&'static str, u64>>>);
+
+impl ContractCounter {
+    pub fn add(&self, contract: &str, reason: &'static str, n: u64) {
+        if let Ok(mut m) = self.0.lock() {
+            let reasons = match m.get_mut(contract) {
+                Some(r) => r,
+                None => m.entry(contract.to_string()).or_default(),
+            };
+            *reasons.entry(reason).or_default() += n;
+        }
+    }
+    pub fn get(&self, contract: &str, reason: &str) -> u64 {
+        self.0
+            .lock()
+            .map(|m| m.get(contract).and_then(|r| r.get(reason)).copied())
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+    pub fn snapshot(&self) -> Vec<(String, &'static str, u64)> {
+        self.0
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .flat_map(|(c, r)| r.iter().map(move |(reason, v)| (c.clone(), *reason, *v)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The streams with the most rejections, per reason: the Space-Saving algorithm (Metwally et
+/// al., 2005) over at most [`TopStreams::CAPACITY`] (stream, reason) pairs. Every pair rejected
+/// more than total/CAPACITY times is in the table; a count overestimates the true count by at
+/// most its `error` (the count of the entry it replaced).
+#[derive(Debug, Default)]
+pub struct TopStreams(Mutex<Vec<TopEntry>>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopEntry {
+    pub stream: String,
+    pub reason: &'static str,
+    pub count: u64,
+    pub error: u64,
+}
+
+impl TopStreams {
+    pub const CAPACITY: usize = 20;
+
+    pub fn add(&self, stream: &str, reason: &'static str) {
+        let Ok(mut entries) = self.0.lock() else {
+            return;
+        };
+        if let Some(e) = entries
+            .iter_mut()
+            .find(|e| e.reason == reason && e.stream == stream)
+        {
+            e.count += 1;
+        } else if entries.len() < Self::CAPACITY {
+            entries.push(TopEntry {
+                stream: stream.to_string(),
+                reason,
+                count: 1,
+                error: 0,
+            });
+        } else if let Some(min) = entries.iter_mut().min_by_key(|e| e.count) {
+            min.stream.clear();
+            min.stream.push_str(stream);
+            min.reason = reason;
+            min.error = min.count;
+            min.count += 1;
+        }
+    }
+
+    /// Entries by descending count.
+    pub fn snapshot(&self) -> Vec<TopEntry> {
+        let mut v = self.0.lock().map(|e| e.clone()).unwrap_or_default();
+        v.sort_by(|a, b| b.count.cmp(&a.count).then(a.stream.cmp(&b.stream)));
+        v
+    }
+}
+
+/// A Prometheus label value with `\`, `"` and newlines escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub messages_received: Counter,
@@ -73,12 +166,21 @@ pub struct Metrics {
     pub readings_accepted: Counter,
     /// Readings refused, by reason (`out_of_range`, `late`, `duplicate`).
     pub readings_rejected: ReasonCounter,
-    /// SenML records without a numeric value (string, bool, data), skipped.
+    /// Readings with a text, boolean or data value or only a sum: checked by their contract,
+    /// counted, not windowed.
     pub records_skipped_non_numeric: Counter,
+    /// Contract rejections by contract and reason.
+    pub contract_rejections: ContractCounter,
+    /// The most rejected streams, by reason.
+    pub top_rejected_streams: TopStreams,
+    /// Streams whose contract state (deadband, rate) was forgotten to bound memory.
+    pub contract_state_evictions: Gauge,
     pub journal_commits: Counter,
     pub store_errors: Counter,
     pub acks_sent: Counter,
     pub windows_closed: Counter,
+    /// Summaries emitted again with a higher revision after late readings (`late_policy = "revise"`).
+    pub windows_revised: Counter,
     /// Closed windows the model scored, of which alerts, and those it could not score.
     pub windows_scored: Counter,
     pub windows_alerted: Counter,
@@ -113,6 +215,8 @@ pub struct Metrics {
     pub journal_rows: Gauge,
     pub open_windows: Gauge,
     pub streams: Gauge,
+    /// Streams holding open windows, counted against `window.max_streams`.
+    pub active_streams: Gauge,
     pub mqtt_connected: Gauge,
     /// 1 once the broker acknowledged our subscriptions on the current connection.
     pub mqtt_subscribed: Gauge,
@@ -140,7 +244,7 @@ impl Metrics {
         );
         counter(
             "records_skipped_non_numeric_total",
-            "SenML records without a numeric value.",
+            "Readings with a text, boolean or data value or only a sum (not windowed).",
             self.records_skipped_non_numeric.get(),
         );
         counter(
@@ -162,6 +266,11 @@ impl Metrics {
             "windows_closed_total",
             "Windows closed into summaries.",
             self.windows_closed.get(),
+        );
+        counter(
+            "windows_revised_total",
+            "Revisions of closed windows emitted after late readings.",
+            self.windows_revised.get(),
         );
         counter(
             "windows_scored_total",
@@ -257,6 +366,46 @@ impl Metrics {
             "Refused readings by reason.",
             &self.readings_rejected,
         );
+        let _ = writeln!(
+            out,
+            "# HELP edgewise_agent_contract_rejections_total Readings refused by a data contract, by contract pattern (`none`: no contract) and reason.\n# TYPE edgewise_agent_contract_rejections_total counter"
+        );
+        for (contract, reason, v) in self.contract_rejections.snapshot() {
+            let _ = writeln!(
+                out,
+                "edgewise_agent_contract_rejections_total{{contract=\"{}\",reason=\"{reason}\"}} {v}",
+                label_value(&contract)
+            );
+        }
+        let top = self.top_rejected_streams.snapshot();
+        let estimate = format!(
+            "Rejections of the {} most rejected (stream, reason) pairs (Space-Saving estimate: overestimates by at most the _error series).",
+            TopStreams::CAPACITY
+        );
+        type Series<'s> = (&'s str, &'s str, fn(&TopEntry) -> u64);
+        let series: [Series<'_>; 2] = [
+            ("stream_rejections", &estimate, |e| e.count),
+            (
+                "stream_rejections_error",
+                "Upper bound of the overestimate in edgewise_agent_stream_rejections.",
+                |e| e.error,
+            ),
+        ];
+        for (name, help, value) in series {
+            let _ = writeln!(
+                out,
+                "# HELP edgewise_agent_{name} {help}\n# TYPE edgewise_agent_{name} gauge"
+            );
+            for e in &top {
+                let _ = writeln!(
+                    out,
+                    "edgewise_agent_{name}{{stream=\"{}\",reason=\"{}\"}} {}",
+                    label_value(&e.stream),
+                    e.reason,
+                    value(e)
+                );
+            }
+        }
         let mut gauge = |name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
@@ -300,10 +449,20 @@ impl Metrics {
         );
         gauge(
             "open_windows",
-            "Windows currently open.",
+            "Window panes held (open windows, and closed ones still revisable).",
             self.open_windows.get(),
         );
         gauge("streams", "Streams tracked.", self.streams.get());
+        gauge(
+            "active_streams",
+            "Streams holding open windows, counted against window.max_streams.",
+            self.active_streams.get(),
+        );
+        gauge(
+            "contract_state_evictions",
+            "Streams whose contract state (deadband, rate) was forgotten to bound memory.",
+            self.contract_state_evictions.get(),
+        );
         gauge(
             "mqtt_connected",
             "1 while connected to the broker.",
@@ -338,5 +497,46 @@ mod tests {
             )
         );
         assert_eq!(m.readings_rejected.total(), 3);
+    }
+
+    #[test]
+    fn contract_rejections_and_top_streams_are_rendered_with_escaped_labels() {
+        let m = Metrics::default();
+        m.contract_rejections
+            .add("+/temperature", "out_of_range", 2);
+        m.contract_rejections.add("none", "wrong_unit", 1);
+        m.top_rejected_streams.add("n1/temperature", "out_of_range");
+        m.top_rejected_streams.add("we\"ird", "deadband");
+        let text = m.render();
+        assert!(text.contains(
+            "edgewise_agent_contract_rejections_total{contract=\"+/temperature\",reason=\"out_of_range\"} 2\n"
+        ));
+        assert!(text.contains(
+            "edgewise_agent_stream_rejections{stream=\"n1/temperature\",reason=\"out_of_range\"} 1\n"
+        ));
+        assert!(text.contains("stream=\"we\\\"ird\""), "{text}");
+        assert_eq!(m.contract_rejections.get("none", "wrong_unit"), 1);
+    }
+
+    #[test]
+    fn top_streams_keep_the_heavy_hitters_within_the_error_bound() {
+        let top = TopStreams::default();
+        // Two heavy streams among many light ones.
+        for i in 0..2000u32 {
+            top.add(&format!("light/{i}"), "deadband");
+            if i % 2 == 0 {
+                top.add("heavy/a", "deadband");
+            }
+            if i % 4 == 0 {
+                top.add("heavy/b", "out_of_range");
+            }
+        }
+        let snap = top.snapshot();
+        assert_eq!(snap.len(), TopStreams::CAPACITY);
+        let a = snap.iter().find(|e| e.stream == "heavy/a").unwrap();
+        let b = snap.iter().find(|e| e.stream == "heavy/b").unwrap();
+        assert!(a.count >= 1000 && a.count - a.error <= 1000, "{a:?}");
+        assert!(b.count >= 500 && b.count - b.error <= 500, "{b:?}");
+        assert_eq!(snap[0].stream, "heavy/a");
     }
 }

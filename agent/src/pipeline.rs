@@ -17,13 +17,14 @@
 //! No network I/O here; the async driver lives in [`crate::ingest`]. Tested end to end in
 //! `tests/` and by the unit tests below on real SQLite files.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use edgewise_protocol::Reading;
 
 use crate::config::AgentConfig;
-use crate::decode::{DecodeLimits, PayloadFormat, decode};
-use crate::filter::Filter;
+use crate::decode::{DecodeLimits, PayloadDecoder, TopicFormats};
+use crate::filter::{DeadLetterSampler, Filter};
 use crate::metrics::Metrics;
 use crate::store::{DeadLetter, Store, StoreError, StoreOptions};
 use crate::window::{Admission, ClosedWindow, WindowSpec, Windows};
@@ -38,13 +39,15 @@ pub struct Pipeline {
     store: Store,
     windows: Windows,
     filter: Filter,
-    format: PayloadFormat,
-    limits: DecodeLimits,
+    formats: TopicFormats,
+    decoder: PayloadDecoder,
+    sampler: DeadLetterSampler,
     metrics: Arc<Metrics>,
     // Scratch buffers reused across batches.
-    decoded: Vec<Reading>,
     accepted: Vec<Reading>,
     inserted: Vec<bool>,
+    /// Streams of the batch in hand that will become active, counted against `max_streams`.
+    new_streams: HashSet<String>,
     /// Journal-less mode only: closed windows whose outbox commit failed, retried first.
     pending_closed: Vec<ClosedWindow>,
     journal_enabled: bool,
@@ -60,7 +63,7 @@ struct Verdicts {
     dead: Vec<DeadLetter>,
     undecodable: Vec<&'static str>,
     rejected: Vec<&'static str>,
-    skipped_non_numeric: u64,
+    non_numeric: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,40 +86,36 @@ impl Pipeline {
             metrics.store_recovered_corrupt.inc();
             metrics.gaps_recorded.inc();
         }
-        let mut windows = Windows::new(&cfg.agent_id, WindowSpec::from(&cfg.window));
-        for (stream, closed_until) in store.closed_streams()? {
-            windows.restore_closed(&stream, closed_until);
-        }
-        let journal = store.journal_readings()?;
-        for r in &journal {
-            // Journal rows are all admitted already; replaying in arrival order restores the
-            // windows exactly (including Welford's rounding).
-            windows.add(r, 0);
-        }
-        if !journal.is_empty() {
+        let (windows, journal_rows) =
+            rebuild_windows(&store, &cfg.agent_id, WindowSpec::from(&cfg.window))?;
+        if journal_rows > 0 {
             tracing::info!(
-                readings = journal.len(),
+                readings = journal_rows,
                 windows = windows.open_windows(),
                 "rebuilt open windows from the journal"
             );
         }
-        let filter = Filter::build(&cfg.filters).map_err(PipelineError::Filter)?;
+        let filter = Filter::build(&cfg.filters, Filter::DEFAULT_MAX_STREAMS)
+            .map_err(PipelineError::Filter)?;
+        let formats = TopicFormats::build(&cfg.ingest.topic_format, cfg.ingest.format)
+            .map_err(PipelineError::Filter)?;
         let p = Pipeline {
             store,
             windows,
             filter,
-            format: cfg.ingest.format,
-            limits: DecodeLimits {
+            formats,
+            decoder: PayloadDecoder::new(DecodeLimits {
                 max_payload_bytes: cfg.mqtt.max_packet_bytes,
                 ..DecodeLimits::default()
-            },
+            }),
+            sampler: DeadLetterSampler::new(cfg.ingest.dead_letter_sample_ms),
             metrics,
-            decoded: Vec::new(),
             accepted: Vec::new(),
             inserted: Vec::new(),
+            new_streams: HashSet::new(),
             pending_closed: Vec::new(),
             journal_enabled: cfg.store.journal,
-            journal_rows: journal.len() as u64,
+            journal_rows,
             scorer: cfg
                 .inference
                 .clone()
@@ -140,8 +139,18 @@ impl Pipeline {
             self.store
                 .commit_ingest(&self.accepted, &verdicts.dead, &mut self.inserted);
         self.note_store_result(&committed);
+        if committed.is_err() {
+            self.filter.rollback();
+        }
         committed?;
         let m = &self.metrics;
+        self.filter.commit(|c| {
+            m.contract_rejections
+                .add(c.contract, c.rejection.reason(), 1);
+            m.top_rejected_streams.add(c.stream, c.rejection.reason());
+        });
+        m.contract_state_evictions
+            .set(self.filter.state_evictions());
         m.journal_commits.inc();
         m.messages_received.add(batch.len() as u64);
         for reason in &verdicts.undecodable {
@@ -150,8 +159,7 @@ impl Pipeline {
         for reason in &verdicts.rejected {
             m.readings_rejected.add(reason, 1);
         }
-        m.records_skipped_non_numeric
-            .add(verdicts.skipped_non_numeric);
+        m.records_skipped_non_numeric.add(verdicts.non_numeric);
         for (r, &new) in self.accepted.iter().zip(&self.inserted) {
             if new {
                 self.windows.add(r, proc_ms);
@@ -170,33 +178,94 @@ impl Pipeline {
     fn prepare(&mut self, batch: &[Message<'_>], wall_ms: i64) -> Verdicts {
         let mut v = Verdicts::default();
         self.accepted.clear();
+        self.new_streams.clear();
         for msg in batch {
-            self.decoded.clear();
-            match decode(
-                msg.topic,
-                msg.payload,
-                self.format,
-                &self.limits,
-                wall_ms,
-                &mut self.decoded,
-            ) {
-                Ok(d) => v.skipped_non_numeric += d.skipped_non_numeric as u64,
-                Err(e) => {
-                    tracing::debug!(topic = msg.topic, error = %e, "undecodable message");
-                    v.undecodable.push(e.reason());
-                    v.dead
-                        .push(DeadLetter::new(wall_ms, msg.topic, e.reason(), msg.payload));
-                    continue;
+            let mark = self.filter.mark();
+            let (accepted, dead, rejected, non_numeric) = (
+                self.accepted.len(),
+                v.dead.len(),
+                v.rejected.len(),
+                v.non_numeric,
+            );
+            let (filter, windows, sampler) = (&mut self.filter, &self.windows, &mut self.sampler);
+            let (out, verdicts, new_streams) = (&mut self.accepted, &mut v, &mut self.new_streams);
+            // Streams this message added to `new_streams`, forgotten if it turns out undecodable.
+            let mut activated: Vec<String> = Vec::new();
+            let format = self.formats.format_for(msg.topic);
+            let decoded = self
+                .decoder
+                .decode_each(msg.topic, msg.payload, format, wall_ms, |r| {
+                    let before = filter.mark();
+                    let kept = match filter.check(&r) {
+                        Ok(kept) => kept,
+                        Err(rejected) => {
+                            let reason = rejected.rejection.reason();
+                            verdicts.rejected.push(reason);
+                            if sampler.sample(rejected, wall_ms) {
+                                let why = format!("{reason}: {}", r.stream);
+                                verdicts.dead.push(DeadLetter::new(
+                                    wall_ms,
+                                    msg.topic,
+                                    &why,
+                                    msg.payload,
+                                ));
+                            }
+                            return;
+                        }
+                    };
+                    let Some(crate::decode::Value::Number(value)) = kept.value else {
+                        verdicts.non_numeric += 1;
+                        return;
+                    };
+                    let reading = Reading {
+                        stream: r.stream.to_owned(),
+                        time_ms: r.time_ms,
+                        value,
+                        unit: kept.unit.map(str::to_owned),
+                    };
+                    let refused = match windows.admit(&reading) {
+                        Admission::Late => Some("late"),
+                        Admission::StreamLimit => Some("stream_limit"),
+                        Admission::Open | Admission::Revision => {
+                            // The cap counts the streams this batch would activate too.
+                            if windows.is_active(&reading.stream)
+                                || new_streams.contains(&reading.stream)
+                            {
+                                None
+                            } else if windows.active_streams() + new_streams.len()
+                                >= windows.spec().max_streams
+                            {
+                                Some("stream_limit")
+                            } else {
+                                new_streams.insert(reading.stream.clone());
+                                activated.push(reading.stream.clone());
+                                None
+                            }
+                        }
+                    };
+                    match refused {
+                        Some(reason) => {
+                            // Not kept after all: the contract's state forgets it.
+                            filter.rollback_to(before);
+                            verdicts.rejected.push(reason);
+                        }
+                        None => out.push(reading),
+                    }
+                });
+            if let Err(e) = decoded {
+                // The readings before the bad record are not kept either.
+                self.filter.rollback_to(mark);
+                self.accepted.truncate(accepted);
+                for s in &activated {
+                    self.new_streams.remove(s);
                 }
-            }
-            for r in self.decoded.drain(..) {
-                if let Err(rej) = self.filter.check(&r) {
-                    v.rejected.push(rej.reason());
-                } else if self.windows.admit(&r) == Admission::Late {
-                    v.rejected.push("late");
-                } else {
-                    self.accepted.push(r);
-                }
+                v.dead.truncate(dead);
+                v.rejected.truncate(rejected);
+                v.non_numeric = non_numeric;
+                tracing::debug!(topic = msg.topic, error = %e, "undecodable message");
+                v.undecodable.push(e.reason());
+                v.dead
+                    .push(DeadLetter::new(wall_ms, msg.topic, e.reason(), msg.payload));
             }
         }
         v
@@ -211,7 +280,10 @@ impl Pipeline {
             return Ok(0);
         }
         self.score(&mut closed);
-        let committed = self.store.commit_closed(&closed, crate::ingest::wall_ms());
+        let horizon = self.windows.journal_horizon();
+        let committed = self
+            .store
+            .commit_closed(&closed, horizon, crate::ingest::wall_ms());
         self.note_store_result(&committed);
         let outcome = match committed {
             Ok(outcome) => outcome,
@@ -227,15 +299,14 @@ impl Pipeline {
             }
         };
         let m = &self.metrics;
-        m.windows_closed.add(closed.len() as u64);
+        let revised = closed.iter().filter(|c| c.summary.revision > 0).count() as u64;
+        m.windows_closed.add(closed.len() as u64 - revised);
+        m.windows_revised.add(revised);
         if outcome.evicted > 0 {
             m.buffer_evictions.add(outcome.evicted);
             m.gaps_recorded.inc();
         }
-        if self.journal_enabled {
-            let rows: u64 = closed.iter().map(|c| c.summary.count).sum();
-            self.journal_rows = self.journal_rows.saturating_sub(rows);
-        }
+        self.journal_rows = self.journal_rows.saturating_sub(outcome.journal_deleted);
         self.update_gauges();
         Ok(closed.len())
     }
@@ -275,16 +346,11 @@ impl Pipeline {
     }
 
     fn reopen(&mut self, closed: &[ClosedWindow]) {
-        let mut fresh = Windows::new(&closed[0].summary.agent_id, *self.windows.spec());
-        if let (Ok(streams), Ok(journal)) =
-            (self.store.closed_streams(), self.store.journal_readings())
-        {
-            for (s, c) in streams {
-                fresh.restore_closed(&s, c);
-            }
-            for r in &journal {
-                fresh.add(r, 0);
-            }
+        if let Ok((fresh, _)) = rebuild_windows(
+            &self.store,
+            &closed[0].summary.agent_id,
+            *self.windows.spec(),
+        ) {
             self.windows = fresh;
         }
     }
@@ -303,6 +369,7 @@ impl Pipeline {
         let m = &self.metrics;
         m.open_windows.set(self.windows.open_windows() as u64);
         m.streams.set(self.windows.streams() as u64);
+        m.active_streams.set(self.windows.active_streams() as u64);
         m.journal_rows.set(self.journal_rows);
         if let Ok(u) = self.store.buffer_usage() {
             m.outbox_rows.set(u.summaries);
@@ -312,13 +379,44 @@ impl Pipeline {
     }
 }
 
+/// The windows as the store left them: closed_until per stream, the revisions still revisable,
+/// then the journal replayed in arrival order (which restores the panes exactly, including
+/// Welford's rounding; a window whose readings outnumber its last emission is re-emitted). Also
+/// returns the number of journal rows.
+fn rebuild_windows(
+    store: &Store,
+    agent_id: &str,
+    spec: WindowSpec,
+) -> Result<(Windows, u64), StoreError> {
+    let mut windows = Windows::new(agent_id, spec);
+    for (stream, closed_until) in store.closed_streams()? {
+        windows.restore_closed(&stream, closed_until);
+    }
+    for (stream, start, revision, count) in store.window_revisions()? {
+        windows.restore_revision(&stream, start, revision, count);
+    }
+    let journal = store.journal_readings()?;
+    for r in &journal {
+        windows.add(r, 0);
+    }
+    Ok((windows, journal.len() as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use edgewise_protocol::senml::{Record, encode_pack};
 
+    /// A config from TOML, with its database in `dir`.
+    fn config_in(dir: &std::path::Path, toml: &str) -> AgentConfig {
+        let mut cfg = AgentConfig::parse(toml).unwrap();
+        cfg.store.path = dir.join("agent.db");
+        cfg
+    }
+
     fn config(dir: &std::path::Path) -> AgentConfig {
-        let mut cfg = AgentConfig::parse(
+        config_in(
+            dir,
             r#"
             agent_id = "gw"
             [window]
@@ -331,9 +429,6 @@ mod tests {
             max = 85.0
             "#,
         )
-        .unwrap();
-        cfg.store.path = dir.join("agent.db");
-        cfg
     }
 
     fn pack(node: &str, t_s: f64, v: f64) -> Vec<u8> {
@@ -373,7 +468,21 @@ mod tests {
         assert_eq!(metrics.readings_rejected.get("out_of_range"), 1);
         assert_eq!(metrics.readings_rejected.get("duplicate"), 1);
         assert_eq!(metrics.messages_rejected.total(), 1);
-        assert_eq!(p.store().dead_letters(10).unwrap().len(), 1);
+        assert_eq!(
+            metrics
+                .contract_rejections
+                .get("+/temperature", "out_of_range"),
+            1
+        );
+        // The undecodable message, and a sample of the contract rejection.
+        let dead: Vec<String> = p
+            .store()
+            .dead_letters(10)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.reason)
+            .collect();
+        assert_eq!(dead, ["unknown_format", "out_of_range: n1/temperature"]);
         assert_eq!(p.close_due(999).unwrap(), 0);
         assert_eq!(p.close_due(1000).unwrap(), 1);
         let rows = p.store().outbox_peek(10).unwrap();
@@ -434,6 +543,52 @@ mod tests {
         assert_eq!((s.count, s.min, s.max, s.mean), (3, 10.0, 30.0, 20.0));
     }
 
+    #[test]
+    fn rows_of_closed_windows_kept_behind_an_open_one_are_not_counted_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (a1, a2, b1) = (
+            pack("a", 1.0, 10.0),
+            pack("a", 12.0, 30.0),
+            pack("b", 3.0, 50.0),
+        );
+        {
+            let mut p = Pipeline::open(&cfg, Arc::default()).unwrap();
+            p.ingest(&msgs(&[a1, b1, a2]), 0, 0).unwrap();
+            // a's watermark (12 s) closes its [0, 10 s) window; b's stays open (no idle yet).
+            assert_eq!(p.close_due(500).unwrap(), 1);
+            // b's open window starts at 0, so a's closed reading at 1 s stays in the journal.
+            assert_eq!(p.store().journal_len().unwrap(), 3);
+        } // a crash
+        let mut p = Pipeline::open(&cfg, Arc::default()).unwrap();
+        assert_eq!(
+            p.close_due(5000).unwrap(),
+            2,
+            "a [10 s, 20 s) and b [0, 10 s)"
+        );
+        let rows = p.store().outbox_peek(10).unwrap();
+        let counts: Vec<(String, i64, u64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.summary.stream.clone(),
+                    r.summary.window_start_ms,
+                    r.summary.count,
+                )
+            })
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                ("a/temperature".to_string(), 0, 1),
+                ("a/temperature".to_string(), 10_000, 1),
+                ("b/temperature".to_string(), 0, 1),
+            ]
+        );
+        // Nothing is open any more: the whole journal is gone.
+        assert_eq!(p.store().journal_len().unwrap(), 0);
+    }
+
     fn msgs(payloads: &[Vec<u8>]) -> Vec<Message<'_>> {
         payloads
             .iter()
@@ -473,6 +628,227 @@ mod tests {
         assert_eq!(p.close_due(10_000).unwrap(), 3001);
         assert_eq!(p.store().outbox_size().unwrap().0, 3001);
         assert_eq!(metrics.journal_rows.get(), 0);
+    }
+
+    fn contract_config(dir: &std::path::Path) -> AgentConfig {
+        config_in(
+            dir,
+            r#"
+            agent_id = "gw"
+            [ingest]
+            dead_letter_sample_ms = 60000
+            [[ingest.topic_format]]
+            topic = "plain/#"
+            format = "plain-json"
+            [window]
+            window_seconds = 10
+            idle_timeout_ms = 1000
+            [[contract]]
+            stream = "+/temperature"
+            unit = "Cel"
+            convert.K = { offset = -273.15 }
+            min = -40.0
+            max = 85.0
+            deadband = 0.5
+            "#,
+        )
+    }
+
+    fn json(s: &str) -> Vec<u8> {
+        s.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn contracts_convert_drop_count_and_sample_through_the_pipeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let mut p = Pipeline::open(&contract_config(dir.path()), metrics.clone()).unwrap();
+        let payloads = [
+            json(r#"[{"bn":"n1/","bt":1.7e9,"n":"temperature","u":"K","v":293.15}]"#),
+            json(r#"[{"bn":"n1/","bt":1.7e9,"n":"temperature","u":"Cel","v":20.2,"t":1}]"#),
+            json(r#"[{"bn":"n1/","bt":1.7e9,"n":"temperature","u":"%RH","v":50,"t":2}]"#),
+            json(r#"[{"bn":"n2/","bt":1.7e9,"n":"temperature","u":"%RH","v":50,"t":2}]"#),
+            json(r#"[{"bn":"n1/","bt":1.7e9,"n":"door","vb":true}]"#),
+            // Plain JSON by topic, not by sniffing (a SenML-looking payload would be refused).
+            json(r#"{"value": 30, "ts": 1700000003000, "unit": "Cel"}"#),
+        ];
+        let topics = ["s/1", "s/1", "s/1", "s/2", "s/1", "plain/n3/temperature"];
+        let batch: Vec<Message<'_>> = payloads
+            .iter()
+            .zip(topics)
+            .map(|(payload, topic)| Message { topic, payload })
+            .collect();
+        p.ingest(&batch, 0, 0).unwrap();
+        // 293.15 K = 20 Cel kept (stored in Cel); 20.2 within the deadband; %RH refused twice.
+        assert_eq!(metrics.readings_accepted.get(), 2);
+        assert_eq!(metrics.readings_rejected.get("deadband"), 1);
+        assert_eq!(metrics.readings_rejected.get("wrong_unit"), 2);
+        assert_eq!(
+            metrics
+                .contract_rejections
+                .get("+/temperature", "wrong_unit"),
+            2
+        );
+        assert_eq!(metrics.records_skipped_non_numeric.get(), 1);
+        let top = metrics.top_rejected_streams.snapshot();
+        assert_eq!(top.len(), 3, "{top:?}");
+        // One dead letter per (contract, reason) within the sampling interval.
+        let mut dead: Vec<String> = p
+            .store()
+            .dead_letters(10)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.reason)
+            .collect();
+        dead.sort();
+        assert_eq!(
+            dead,
+            ["deadband: n1/temperature", "wrong_unit: n1/temperature"]
+        );
+        let text = metrics.render();
+        assert!(text.contains(
+            "edgewise_agent_contract_rejections_total{contract=\"+/temperature\",reason=\"deadband\"} 1"
+        ));
+        p.close_due(10_000).unwrap();
+        let rows = p.store().outbox_peek(10).unwrap();
+        let n1 = rows
+            .iter()
+            .find(|r| r.summary.stream == "n1/temperature")
+            .unwrap();
+        assert!((n1.summary.mean - 20.0).abs() < 1e-9);
+        assert_eq!(n1.summary.unit.as_deref(), Some("Cel"));
+        assert!(rows.iter().any(|r| r.summary.stream == "n3/temperature"));
+    }
+
+    #[test]
+    fn a_message_that_fails_half_way_leaves_no_contract_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let mut p = Pipeline::open(&contract_config(dir.path()), metrics.clone()).unwrap();
+        // The first record would set the deadband's last value; the second is refused.
+        let broken =
+            json(r#"[{"bn":"n1/","bt":1.7e9,"n":"temperature","v":20},{"n":"x y","v":1}]"#);
+        let good = json(r#"[{"bn":"n1/","bt":1.7e9,"n":"temperature","v":20.1,"t":1}]"#);
+        let batch = [
+            Message {
+                topic: "s",
+                payload: &broken,
+            },
+            Message {
+                topic: "s",
+                payload: &good,
+            },
+        ];
+        p.ingest(&batch, 0, 0).unwrap();
+        assert_eq!(metrics.messages_rejected.get("bad_name"), 1);
+        // 20.1 is judged against no earlier value, not against the undecodable 20.
+        assert_eq!(metrics.readings_accepted.get(), 1);
+        assert_eq!(metrics.readings_rejected.total(), 0);
+    }
+
+    #[test]
+    fn a_failed_commit_rolls_the_contracts_back_so_the_retry_is_judged_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let mut p = Pipeline::open(&contract_config(dir.path()), metrics.clone()).unwrap();
+        p.store_mut().set_max_db_bytes(Some(1)).unwrap();
+        // Enough readings to need new pages; each stream's first reading sets its deadband.
+        let big: Vec<Vec<u8>> = (0..3000)
+            .map(|i| pack(&format!("node-{i}"), 2.0, 21.0))
+            .collect();
+        let retry = msgs(&big);
+        assert!(p.ingest(&retry, 0, 0).unwrap_err().is_disk_full());
+        p.store_mut().set_max_db_bytes(None).unwrap();
+        p.ingest(&retry, 0, 0).unwrap();
+        // Without the rollback each retried reading would fall in its own deadband.
+        assert_eq!(metrics.readings_accepted.get(), 3000);
+        assert_eq!(metrics.readings_rejected.get("deadband"), 0);
+    }
+
+    fn revise_config(dir: &std::path::Path) -> AgentConfig {
+        let mut cfg = config(dir);
+        cfg.window.late_policy = crate::config::LatePolicy::Revise;
+        cfg.window.revise_horizon_ms = Some(60_000);
+        cfg.window.idle_timeout_ms = 1_000_000;
+        cfg
+    }
+
+    #[test]
+    fn a_late_reading_revises_its_window_and_a_restart_neither_loses_nor_repeats_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = revise_config(dir.path());
+        let metrics = Arc::new(Metrics::default());
+        {
+            let mut p = Pipeline::open(&cfg, metrics.clone()).unwrap();
+            let a = [pack("n1", 1.0, 10.0), pack("n1", 12.0, 30.0)];
+            p.ingest(&msgs(&a), 0, 0).unwrap();
+            assert_eq!(p.close_due(0).unwrap(), 1);
+            // Revisable: the window's reading stays in the journal.
+            assert_eq!(p.store().journal_len().unwrap(), 2);
+            let late = [pack("n1", 5.0, 20.0)];
+            p.ingest(&msgs(&late), 0, 0).unwrap();
+            assert_eq!(metrics.readings_accepted.get(), 3);
+            assert_eq!(p.close_due(0).unwrap(), 1);
+            assert_eq!(metrics.windows_revised.get(), 1);
+            // Another late reading, journaled, then a crash before its window is re-emitted.
+            let late = [pack("n1", 6.0, 60.0)];
+            p.ingest(&msgs(&late), 0, 0).unwrap();
+        }
+        let mut p = Pipeline::open(&cfg, Arc::default()).unwrap();
+        assert_eq!(p.close_due(0).unwrap(), 1);
+        assert_eq!(p.close_due(0).unwrap(), 0);
+        let rows = p.store().outbox_peek(10).unwrap();
+        let got: Vec<(i64, u32, u64, f64)> = rows
+            .iter()
+            .map(|r| {
+                let s = &r.summary;
+                (s.window_start_ms, s.revision, s.count, s.mean)
+            })
+            .collect();
+        assert_eq!(got, vec![(0, 0, 1, 10.0), (0, 1, 2, 15.0), (0, 2, 3, 30.0)]);
+        // closed_until 80 s: windows ending by 80 s - 60 s are final, their readings late.
+        let far = [pack("n1", 80.0, 1.0)];
+        p.ingest(&msgs(&far), 0, 0).unwrap();
+        p.close_due(0).unwrap();
+        drop(p);
+        let late = [pack("n1", 7.0, 1.0)];
+        let metrics = Arc::new(Metrics::default());
+        let mut p = Pipeline::open(&cfg, metrics.clone()).unwrap();
+        p.ingest(&msgs(&late), 0, 0).unwrap();
+        assert_eq!(metrics.readings_rejected.get("late"), 1);
+        assert_eq!(p.close_due(0).unwrap(), 0);
+        let journal: Vec<i64> = p
+            .store()
+            .journal_readings()
+            .unwrap()
+            .iter()
+            .map(|r| r.time_ms)
+            .collect();
+        // Everything before 20 s is final now, so only the newest reading stays journaled.
+        assert_eq!(journal, vec![80_000]);
+    }
+
+    #[test]
+    fn streams_past_max_streams_are_refused_within_one_batch_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.window.max_streams = 2;
+        let metrics = Arc::new(Metrics::default());
+        let mut p = Pipeline::open(&cfg, metrics.clone()).unwrap();
+        let a = [
+            pack("n1", 1.0, 1.0),
+            pack("n2", 1.0, 1.0),
+            pack("n3", 1.0, 1.0),
+            pack("n1", 2.0, 1.0),
+        ];
+        p.ingest(&msgs(&a), 0, 0).unwrap();
+        assert_eq!(metrics.readings_accepted.get(), 3);
+        assert_eq!(metrics.readings_rejected.get("stream_limit"), 1);
+        assert_eq!(metrics.active_streams.get(), 2);
+        // Once their windows close the slots are free again.
+        assert_eq!(p.close_due(1000).unwrap(), 2);
+        p.ingest(&msgs(&[pack("n3", 3.0, 1.0)]), 0, 1000).unwrap();
+        assert_eq!(metrics.readings_accepted.get(), 4);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The `edgewise-agent` binary's `check` command: exit codes and messages a person can act on.
 
+mod common;
+
 use std::process::Command;
 
 fn agent() -> Command {
@@ -10,14 +12,7 @@ fn check(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, text).unwrap();
-    let out = agent()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
+    common::run_check(&path)
 }
 
 #[test]

@@ -80,6 +80,7 @@ fn summary_from(v: &Value, i: usize) -> WindowSummary {
         last_time_ms: end - 1,
         unit: Some("Cel".into()),
         score: None,
+        quantiles: None,
     }
 }
 
@@ -107,7 +108,10 @@ fn check_reference(model: &str) {
         "the version is the SHA-256 prefix of the file onnxruntime ran"
     );
 
-    // 1. The model alone, on the reference inputs, in one batch and one row at a time.
+    // 1. The model alone, on the reference inputs. A scorer runs a batch of exactly
+    // `batch_size` rows with its fixed-batch plan and any other count with its symbolic-batch
+    // plan: check both, for every batch size the agent is configured with here (the rows
+    // repeated to fill the batch), the reference batch itself, and one row at a time.
     let inputs: Vec<Vec<f64>> = r["inputs"].as_array().unwrap().iter().map(floats).collect();
     let expected: Vec<Vec<f64>> = r["outputs"]
         .as_array()
@@ -115,19 +119,37 @@ fn check_reference(model: &str) {
         .iter()
         .map(floats)
         .collect();
-    let flat: Vec<f32> = inputs.iter().flatten().map(|&x| x as f32).collect();
-    let out = scorer.run(&flat).unwrap();
-    let k = scorer.output_width();
-    assert_eq!(out.len(), expected.len() * k);
-    let mut worst = 0.0f64;
-    for (row, want) in expected.iter().enumerate() {
-        for (c, &w) in want.iter().enumerate() {
-            worst = worst.max((out[row * k + c] as f64 - w).abs());
+    let row_f32 = |row: &Vec<f64>| row.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    // Largest difference of `out` (rows `first..`, K per row) from the reference outputs.
+    let diff = |out: &[f32], k: usize, first: usize, rows: usize| -> f64 {
+        assert_eq!(out.len(), rows * k);
+        let mut worst = 0.0f64;
+        for row in 0..rows {
+            for (c, &w) in expected[(first + row) % expected.len()].iter().enumerate() {
+                worst = worst.max((out[row * k + c] as f64 - w).abs());
+            }
         }
-        let single: Vec<f32> = inputs[row].iter().map(|&x| x as f32).collect();
-        let one = scorer.run(&single).unwrap();
-        for (c, &w) in want.iter().enumerate() {
-            worst = worst.max((one[c] as f64 - w).abs());
+        worst
+    };
+    let mut worst = 0.0f64;
+    for batch_size in [1, 16, inputs.len(), 64, 256] {
+        let mut scorer = Scorer::load(&InferenceConfig {
+            batch_size,
+            ..cfg.clone()
+        })
+        .unwrap();
+        let k = scorer.output_width();
+        let full: Vec<f32> = inputs
+            .iter()
+            .cycle()
+            .take(batch_size)
+            .flat_map(row_f32)
+            .collect();
+        worst = worst.max(diff(&scorer.run(&full).unwrap(), k, 0, batch_size));
+        let all: Vec<f32> = inputs.iter().flat_map(row_f32).collect();
+        worst = worst.max(diff(&scorer.run(&all).unwrap(), k, 0, inputs.len()));
+        for (row, input) in inputs.iter().enumerate() {
+            worst = worst.max(diff(&scorer.run(&row_f32(input)).unwrap(), k, row, 1));
         }
     }
     eprintln!("{model}: max |tract - onnxruntime| = {worst:e} (tolerance {tol:e})");
@@ -480,10 +502,7 @@ fn closed_windows_are_scored_in_place_as_the_pipeline_does() {
     use edgewise_agent::window::ClosedWindow;
     let mut closed: Vec<ClosedWindow> = reference_summaries("anomaly")
         .into_iter()
-        .map(|summary| ClosedWindow {
-            closed_until_ms: summary.window_end_ms,
-            summary,
-        })
+        .map(ClosedWindow::final_window)
         .collect();
     let mut scorer = SwappableScorer::start(config_for("anomaly")).unwrap();
     let report = scorer.score_each(closed.iter_mut().map(|c| &mut c.summary));

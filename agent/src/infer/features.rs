@@ -74,6 +74,7 @@ mod tests {
             last_time_ms: 9_900,
             unit: None,
             score: None,
+            quantiles: None,
         }
     }
 

@@ -3,11 +3,19 @@
 //! Loading reads the file once, hashes exactly those bytes (the model version), checks the
 //! model's declared input (one input, the configured name if any, `[batch, features]` of f32)
 //! and output (`[batch, K]` with the score column inside), replaces the batch dimension by a
-//! symbol, optimizes, and runs a validation batch whose outputs must be finite. Only then is the
-//! scorer returned, so a `Scorer` that exists has passed validation.
+//! symbol, and optimizes two plans of it: one with the batch fixed to the configured
+//! `batch_size`, which runs full batches, and one with the symbolic batch, which runs any other
+//! number of rows (a lone window, the rest of a split batch). tract chooses how to pack and
+//! multiply matrices from the shapes it knows when optimizing: with the batch symbolic it packs
+//! the batch as the narrow side of every matrix product, with the batch fixed as the wide side,
+//! which is what makes full batches fast (`models/bench.sh` measures both). Validation runs probe
+//! rows through both plans: outputs must be finite and the two plans must agree. Only then is
+//! the scorer returned, so a `Scorer` that exists has passed validation.
 //!
-//! Scoring reuses one tract state and one input buffer across calls (no re-planning per batch).
+//! Scoring reuses the two tract states and one input buffer across calls (no re-planning per
+//! batch).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use edgewise_protocol::{Score, WindowSummary};
@@ -20,8 +28,16 @@ use super::config::{FeatureInput, InferenceConfig, ScoreFrom};
 use super::features;
 use crate::filter::RulePattern;
 
-type Plan = TypedSimplePlan;
 type PlanState = TypedSimpleState;
+
+/// Which of the scorer's two optimized plans runs a batch.
+#[derive(Clone, Copy)]
+enum Plan {
+    /// The batch dimension fixed to `batch_size`: tract plans each matmul for its real shape.
+    Full,
+    /// The batch dimension symbolic: any number of rows.
+    Partial,
+}
 
 /// A loaded, validated model with its feature mapping and threshold.
 pub struct Scorer {
@@ -33,7 +49,10 @@ pub struct Scorer {
     threshold: f64,
     batch_size: usize,
     output_width: usize,
-    state: PlanState,
+    /// Runs batches of exactly `batch_size` rows.
+    full: PlanState,
+    /// Runs batches of any other size (symbolic batch dimension).
+    partial: PlanState,
     // Scratch reused across calls: the input rows and which summary each row belongs to.
     rows: Vec<f32>,
     row_owner: Vec<usize>,
@@ -168,14 +187,14 @@ impl Scorer {
                 });
             }
         };
-        let plan: Arc<Plan> = typed
-            .into_optimized()
-            .map_err(|e| InferenceError::tract(path, "optimizing", e))?
-            .into_runnable()
-            .map_err(|e| InferenceError::tract(path, "planning", e))?;
-        let state = plan
-            .spawn()
-            .map_err(|e| InferenceError::tract(path, "preparing the run state", e))?;
+        // Two plans of the same graph: one with the batch dimension fixed to `batch_size`, so
+        // tract plans every matmul for its real shape, for full batches; one with the symbolic
+        // batch for the partial batches in between (a lone window, the rest of a split batch).
+        let full_batch = typed
+            .set_symbols(&HashMap::from([(batch.clone(), cfg.batch_size.to_dim())]))
+            .map_err(|e| InferenceError::tract(path, "fixing the batch size", e))?;
+        let full = plan_state(full_batch, path)?;
+        let partial = plan_state(typed, path)?;
         let streams = cfg
             .streams
             .iter()
@@ -190,7 +209,8 @@ impl Scorer {
             threshold: cfg.threshold,
             batch_size: cfg.batch_size,
             output_width,
-            state,
+            full,
+            partial,
             rows: Vec::with_capacity(cfg.batch_size * width),
             row_owner: Vec::with_capacity(cfg.batch_size),
         };
@@ -198,19 +218,38 @@ impl Scorer {
         Ok(scorer)
     }
 
-    /// Runs a small batch of typical (normalised zero) and extreme rows: the model must answer
-    /// `[rows, K]` with finite values.
+    /// Runs typical (normalised zero) and extreme rows through both plans: each must answer
+    /// `[rows, K]` with finite values, and the two must agree on the rows they share.
     fn validate_run(&mut self) -> Result<(), InferenceError> {
         let width = self.inputs.len();
         let mut probe = vec![0.0f32; width];
         probe.extend(std::iter::repeat_n(8.0f32, width));
         probe.extend(std::iter::repeat_n(-8.0f32, width));
-        let out = self.run(&probe)?;
-        if let Some(&value) = out.iter().find(|v| !v.is_finite()) {
+        let full_rows: Vec<f32> = probe
+            .iter()
+            .copied()
+            .cycle()
+            .take(self.batch_size * width)
+            .collect();
+        let (mut on_full, mut on_partial) = (Vec::new(), Vec::new());
+        self.run_plan(Plan::Full, &full_rows, &mut on_full)?;
+        self.run_plan(Plan::Partial, &probe, &mut on_partial)?;
+        if let Some(&value) = on_full.iter().chain(&on_partial).find(|v| !v.is_finite()) {
             return Err(InferenceError::NonFiniteOutput {
                 path: self.path.clone(),
                 value,
             });
+        }
+        let mismatch = on_full
+            .iter()
+            .zip(&on_partial)
+            .find(|(a, b)| (*a - *b).abs() > 1e-4 * b.abs().max(1.0));
+        if let Some((a, b)) = mismatch {
+            return Err(InferenceError::tract(
+                &self.path,
+                "validating",
+                format!("the full-batch plan gives {a}, the partial-batch plan {b}"),
+            ));
         }
         Ok(())
     }
@@ -265,13 +304,31 @@ impl Scorer {
         Ok(out)
     }
 
+    /// Runs whole rows with the plan for their count (see [`Plan`]), appending the output.
     fn run_into(&mut self, rows: &[f32], out: &mut Vec<f32>) -> Result<(), InferenceError> {
+        let plan = if rows.len() == self.batch_size * self.inputs.len() {
+            Plan::Full
+        } else {
+            Plan::Partial
+        };
+        self.run_plan(plan, rows, out)
+    }
+
+    fn run_plan(
+        &mut self,
+        plan: Plan,
+        rows: &[f32],
+        out: &mut Vec<f32>,
+    ) -> Result<(), InferenceError> {
         let width = self.inputs.len();
         let n = rows.len() / width;
         let input = Tensor::from_shape(&[n, width], rows)
             .map_err(|e| InferenceError::tract(&self.path, "building the input", e))?;
-        let result = self
-            .state
+        let state = match plan {
+            Plan::Full => &mut self.full,
+            Plan::Partial => &mut self.partial,
+        };
+        let result = state
             .run(tvec!(input.into_tvalue()))
             .map_err(|e| InferenceError::tract(&self.path, "running", e))?;
         let view = result
@@ -368,6 +425,17 @@ impl Scorer {
         self.rows.clear();
         self.row_owner.clear();
     }
+}
+
+/// Optimizes `model` for this machine and prepares the state that runs it (reused across calls).
+fn plan_state(model: TypedModel, path: &Path) -> Result<PlanState, InferenceError> {
+    let plan: Arc<TypedSimplePlan> = model
+        .into_optimized()
+        .map_err(|e| InferenceError::tract(path, "optimizing", e))?
+        .into_runnable()
+        .map_err(|e| InferenceError::tract(path, "planning", e))?;
+    plan.spawn()
+        .map_err(|e| InferenceError::tract(path, "preparing the run state", e))
 }
 
 /// Checks what the ONNX file declares about its input before the agent overrides the batch

@@ -204,7 +204,16 @@ pub fn temperature(node: &str, time_ms: i64, value: f64) -> Vec<u8> {
 pub async fn publish_all(broker: &(String, u16), messages: &[(String, Vec<u8>)]) {
     let mut opts = MqttOptions::new(unique("pub"), broker.0.clone(), broker.1);
     opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (client, eventloop) = AsyncClient::new(opts, 64);
+    publish_on(client, eventloop, messages).await;
+}
+
+/// [`publish_all`] over a connection the caller configured (e.g. TLS, credentials).
+pub async fn publish_on(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    messages: &[(String, Vec<u8>)],
+) {
     let total = messages.len();
     let poller = tokio::spawn(async move {
         let mut acked = 0;
@@ -227,6 +236,18 @@ pub async fn publish_all(broker: &(String, u16), messages: &[(String, Vec<u8>)])
         .expect("broker acked every publish within 20 s")
         .unwrap();
     let _ = client.disconnect().await;
+}
+
+/// `edgewise-agent check --config path`: its exit code and everything it printed.
+pub fn run_check(path: &Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgewise-agent"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
 }
 
 /// Polls `done` every 20 ms; panics with `what` after `secs` seconds.

@@ -140,6 +140,52 @@ async fn qos0_runs_deliver_every_message_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_falls_behind_keeps_each_nodes_event_times_one_interval_apart() {
+    let broker = broker();
+    let prefix = format!("edgewise-test/{}/sensors", unique("behind"));
+    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
+    // 500 nodes every millisecond (500,000 packs/s): far more than one publisher can send, so
+    // it publishes back to back, several rounds of a node within one millisecond.
+    let cfg = SimConfig {
+        nodes: 500,
+        interval_ms: 1,
+        connections: 2,
+        ..config(&broker, &prefix)
+    };
+    let run_ms = 400;
+    let report = Simulator::new(cfg)
+        .unwrap()
+        .run(tokio::time::sleep(Duration::from_millis(run_ms)))
+        .await
+        .unwrap();
+    assert!(
+        report.messages_published < 500 * run_ms / 2,
+        "the publisher kept up, so this test shows nothing: {report}"
+    );
+    let received = sub.collect(report.messages_published as usize).await;
+    let mut times: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in &received {
+        let (bn, bt, _) = r.pack.as_ref().expect("a well-formed pack");
+        times.entry(bn.clone()).or_default().push(*bt);
+    }
+    for (node, t) in &times {
+        // Each connection keeps its nodes' order, and each pack of a node has its own slot: times
+        // rise by a whole number of intervals (one, unless the broker dropped packs of this QoS 0
+        // subscription under load), never repeat and never go back.
+        let bad = t.windows(2).position(|w| w[1] <= w[0]);
+        assert!(
+            bad.is_none(),
+            "{node}: times repeat or go back at {bad:?}: {:?}",
+            &t[bad.unwrap_or(0).saturating_sub(5)..t.len().min(bad.unwrap_or(0) + 5)]
+        );
+    }
+    assert!(
+        times.values().map(Vec::len).sum::<usize>() > 0,
+        "no packs received"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos1_publishes_survive_dropped_connections() {
     let broker = broker();
     let proxy = Proxy::start(&broker).await;

@@ -43,7 +43,7 @@ def main():
                 str(MODELS / model / ref["model"]), opts, providers=["CPUExecutionProvider"]
             )
             inp = sess.get_inputs()[0].name
-            for batch in [1, 256]:
+            for batch in [1, 16, 64, 256]:
                 x = np.ascontiguousarray(np.resize(rows, (batch, rows.shape[1])))
                 us = measure(seconds, lambda: sess.run(None, {inp: x}))
                 print(f"{name} {model} {batch} {us:.3f}", flush=True)

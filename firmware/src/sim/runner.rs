@@ -280,8 +280,9 @@ struct Publisher {
 }
 
 impl Publisher {
-    /// Node k of round r is due at `start + r * interval + offset_k`. A publisher that falls
-    /// behind publishes back to back until it has caught up; none of its rounds is skipped.
+    /// Node k of round r is due at `start + r * interval + offset_k`, and that slot is its
+    /// pack's event time. A publisher that falls behind publishes back to back until it has
+    /// caught up; none of its rounds is skipped, and a node's event times stay one interval apart.
     async fn run(mut self, mut nodes: Vec<VirtualNode>) -> Result<(), SimError> {
         let mut round_start = self.start;
         let mut batch = Vec::new();
@@ -297,9 +298,12 @@ impl Publisher {
                         _ = self.halt.changed() => return Ok(()),
                     }
                 }
-                let elapsed_ms =
-                    i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX);
-                let now_ms = self.origin_ms.saturating_add(elapsed_ms);
+                // Event time is the slot the node was due in, not the moment it got out: a
+                // publisher catching up must not give two packs of one node the same time (the
+                // agent's journal would rightly take the second for a redelivery).
+                let slot_ms =
+                    i64::try_from(due.duration_since(self.start).as_millis()).unwrap_or(i64::MAX);
+                let now_ms = self.origin_ms.saturating_add(slot_ms);
                 batch.clear();
                 node.next_messages(now_ms, &mut batch)
                     .map_err(SimError::Encode)?;

@@ -1,0 +1,203 @@
+//! What a run measured: one [`StepResult`] per load step, one [`CaseResult`] per broker, QoS
+//! and fleet size, the printed table and the JSON file. Pure formatting; tested below.
+
+use serde::Serialize;
+
+/// What consumed the broker's messages in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsumerKind {
+    /// A plain MQTT client that only counts: the broker's own ceiling.
+    Subscriber,
+    /// The agent binary: journal, windows, inference, sync to the receiver.
+    Agent,
+}
+
+/// One load step: a fixed publish rate for a fixed time, and what came out.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepResult {
+    pub consumer: ConsumerKind,
+    pub broker: String,
+    pub qos: u8,
+    pub sensors: usize,
+    /// `probe` (short, used by the search) or `confirm` (full length).
+    pub phase: &'static str,
+    /// The rate asked of the simulator (messages per second; each message holds 2 readings).
+    pub target_rate: f64,
+    pub interval_ms: u64,
+    pub seconds: f64,
+    pub published_messages: u64,
+    pub published_readings: u64,
+    /// Messages published per second of the step.
+    pub achieved_rate: f64,
+    /// Messages the consumer had received when the step's wait ended.
+    pub received_messages: u64,
+    /// From the end of publishing until the consumer had every message; `None` if it never did.
+    pub catch_up_ms: Option<u64>,
+    /// Agent only: summaries stored at the receiver, the readings they count, distinct windows.
+    pub summaries: Option<u64>,
+    pub summary_readings: Option<u64>,
+    pub distinct_windows: Option<u64>,
+    /// Agent only: readings the agent refused, by reason (e.g. `late`, `duplicate`).
+    pub readings_rejected: Option<std::collections::BTreeMap<String, u64>>,
+    /// Agent only: journal commits during the step, and the windows the model scored.
+    pub journal_commits: Option<u64>,
+    pub windows_scored: Option<u64>,
+    /// Agent only: CPU seconds while publishing, as cores (CPU seconds / step seconds).
+    pub cpu_seconds: Option<f64>,
+    pub cpu_cores: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+    pub sustained: bool,
+    /// Why the step failed, or `ok`.
+    pub verdict: String,
+}
+
+/// One broker, QoS and fleet size: the broker's ceiling and the agent's sustained rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub broker: String,
+    pub qos: u8,
+    pub sensors: usize,
+    /// The confirmed (full-length) step of each consumer at its highest sustained rate.
+    pub ceiling: Option<StepResult>,
+    pub agent: Option<StepResult>,
+    /// Agent's sustained rate / subscriber's ceiling (both achieved rates).
+    pub ratio: Option<f64>,
+    pub steps: Vec<StepResult>,
+}
+
+impl CaseResult {
+    pub fn new(broker: &str, qos: u8, sensors: usize, steps: Vec<StepResult>) -> CaseResult {
+        let best = |kind| {
+            steps
+                .iter()
+                .filter(|s| s.consumer == kind && s.phase == "confirm" && s.sustained)
+                .max_by(|a, b| a.achieved_rate.total_cmp(&b.achieved_rate))
+                .cloned()
+        };
+        let ceiling = best(ConsumerKind::Subscriber);
+        let agent = best(ConsumerKind::Agent);
+        let ratio = match (&ceiling, &agent) {
+            (Some(c), Some(a)) if c.achieved_rate > 0.0 => Some(a.achieved_rate / c.achieved_rate),
+            _ => None,
+        };
+        CaseResult {
+            broker: broker.to_string(),
+            qos,
+            sensors,
+            ceiling,
+            agent,
+            ratio,
+            steps,
+        }
+    }
+}
+
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
+}
+
+/// One line per step, as the run goes.
+pub fn step_line(s: &StepResult) -> String {
+    format!(
+        "  {:<10} {:<7} target {:>8.0}/s achieved {:>8.0}/s received {:>9}/{:<9} catch-up {:>6} cpu {:>5} cores rss {:>6} MiB  {}",
+        format!("{:?}", s.consumer).to_lowercase(),
+        s.phase,
+        s.target_rate,
+        s.achieved_rate,
+        s.received_messages,
+        s.published_messages,
+        s.catch_up_ms
+            .map_or_else(|| "never".into(), |ms| format!("{ms}ms")),
+        opt(s.cpu_cores, 2),
+        opt(s.peak_rss_mib, 1),
+        s.verdict
+    )
+}
+
+/// The summary table of a run.
+pub fn table(cases: &[CaseResult]) -> String {
+    let mut out = String::from(
+        "broker     qos sensors  ceiling msg/s  agent msg/s  ratio  agent cpu cores  peak RSS MiB\n",
+    );
+    for c in cases {
+        let rate = |s: &Option<StepResult>| opt(s.as_ref().map(|s| s.achieved_rate), 0);
+        let agent = c.agent.as_ref();
+        out.push_str(&format!(
+            "{:<10} {:>3} {:>7}  {:>13}  {:>11}  {:>5}  {:>15}  {:>12}\n",
+            c.broker,
+            c.qos,
+            c.sensors,
+            rate(&c.ceiling),
+            rate(&c.agent),
+            c.ratio
+                .map_or_else(|| "-".into(), |r| format!("{:.0}%", r * 100.0)),
+            opt(agent.and_then(|a| a.cpu_cores), 2),
+            opt(agent.and_then(|a| a.peak_rss_mib), 1),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(consumer: ConsumerKind, phase: &'static str, rate: f64, sustained: bool) -> StepResult {
+        StepResult {
+            consumer,
+            broker: "mosquitto".into(),
+            qos: 1,
+            sensors: 100,
+            phase,
+            target_rate: rate,
+            interval_ms: 1,
+            seconds: 30.0,
+            published_messages: (rate * 30.0) as u64,
+            published_readings: (rate * 60.0) as u64,
+            achieved_rate: rate,
+            received_messages: (rate * 30.0) as u64,
+            catch_up_ms: Some(3),
+            summaries: None,
+            summary_readings: None,
+            distinct_windows: None,
+            readings_rejected: None,
+            journal_commits: None,
+            windows_scored: None,
+            cpu_seconds: Some(6.0),
+            cpu_cores: Some(0.2),
+            peak_rss_mib: Some(9.5),
+            sustained,
+            verdict: "ok".into(),
+        }
+    }
+
+    #[test]
+    fn a_case_takes_the_best_confirmed_sustained_step_of_each_consumer() {
+        use ConsumerKind::*;
+        let steps = vec![
+            step(Subscriber, "probe", 40_000.0, true),
+            step(Subscriber, "confirm", 20_000.0, true),
+            step(Subscriber, "confirm", 25_000.0, false),
+            step(Agent, "confirm", 18_000.0, true),
+            step(Agent, "probe", 19_000.0, true),
+        ];
+        let c = CaseResult::new("mosquitto", 1, 100, steps);
+        assert_eq!(c.ceiling.as_ref().unwrap().achieved_rate, 20_000.0);
+        assert_eq!(c.agent.as_ref().unwrap().achieved_rate, 18_000.0);
+        assert!((c.ratio.unwrap() - 0.9).abs() < 1e-9);
+        let t = table(&[c]);
+        assert!(
+            t.contains("20000") && t.contains("18000") && t.contains("90%"),
+            "{t}"
+        );
+        let none = CaseResult::new(
+            "embedded",
+            0,
+            10_000,
+            vec![step(Agent, "confirm", 5.0, false)],
+        );
+        assert_eq!((none.agent.is_none(), none.ratio), (true, None));
+        assert!(table(&[none]).lines().nth(1).unwrap().contains(" - "));
+    }
+}

@@ -7,6 +7,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use minicbor::{Decode, Encode};
 
+use crate::latest::LatestValue;
 use crate::summary::WindowSummary;
 
 /// What the agent's buffer had to evict when it was full: the cloud learns exactly what is
@@ -60,6 +61,10 @@ pub struct Batch {
     #[n(4)]
     #[cbor(default)]
     pub gaps: Vec<Gap>,
+    /// Newest non-numeric value per stream; absent in batches without any.
+    #[n(5)]
+    #[cbor(default)]
+    pub latest: Vec<LatestValue>,
 }
 
 #[derive(Debug)]
@@ -94,6 +99,7 @@ impl Batch {
             sent_at_ms,
             summaries,
             gaps: Vec::new(),
+            latest: Vec::new(),
         }
     }
 
@@ -125,10 +131,23 @@ mod tests {
         assert_eq!(Batch::from_cbor(&b.to_cbor()).unwrap(), b);
     }
 
+    /// A batch as the first agents wrote it: fields 0-3 only, no gaps and no latest values.
+    #[derive(Encode)]
+    #[cbor(map)]
+    struct FirstBatch {
+        #[n(0)]
+        version: u16,
+        #[n(1)]
+        agent_id: String,
+        #[n(2)]
+        sent_at_ms: i64,
+        #[n(3)]
+        summaries: Vec<WindowSummary>,
+    }
+
     #[test]
-    fn gaps_round_trip_and_are_optional_on_the_wire() {
+    fn gaps_and_latest_values_round_trip_and_are_optional_on_the_wire() {
         let mut b = Batch::new("gw-1".to_string(), 42, vec![sample()]);
-        let without_gaps = b.to_cbor();
         b.gaps.push(Gap {
             agent_id: "gw-1".to_string(),
             seq: 7,
@@ -139,11 +158,26 @@ mod tests {
             reason: "buffer_full".to_string(),
             recorded_at_ms: 11_000,
         });
+        b.latest.push(LatestValue {
+            stream: "n1/door".to_string(),
+            time_ms: 5,
+            value: crate::latest::StateValue::Text("open".to_string()),
+        });
         assert_eq!(Batch::from_cbor(&b.to_cbor()).unwrap(), b);
-        // A batch from an encoder that never wrote field 4 still decodes.
-        let mut d = minicbor::Decoder::new(&without_gaps);
-        assert_eq!(d.map().unwrap(), Some(5));
-        assert_eq!(Batch::from_cbor(&without_gaps).unwrap().gaps, vec![]);
+
+        // An encoder that never wrote fields 4 and 5 (the first agents) is still understood.
+        let old = minicbor::to_vec(FirstBatch {
+            version: BATCH_VERSION,
+            agent_id: "gw-1".to_string(),
+            sent_at_ms: 42,
+            summaries: vec![sample()],
+        })
+        .unwrap();
+        assert_eq!(minicbor::Decoder::new(&old).map().unwrap(), Some(4));
+        let decoded = Batch::from_cbor(&old).unwrap();
+        assert_eq!(decoded.summaries, vec![sample()]);
+        assert_eq!(decoded.gaps, vec![]);
+        assert_eq!(decoded.latest, vec![]);
     }
 
     #[test]

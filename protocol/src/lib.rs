@@ -6,6 +6,8 @@
 //!   caller's fixed buffer with no allocation: this is what sensor nodes publish.
 //! - [`summary`] (feature `alloc`): [`Reading`], [`WindowSummary`] and its deterministic
 //!   [`SummaryId`], plus the validation the receiver applies to every record.
+//! - [`latest`] (feature `alloc`): [`LatestValue`], the newest text, boolean or data value of a
+//!   stream that has no numbers to aggregate.
 //! - [`batch`] (feature `alloc`): the versioned [`Batch`] the agent posts to `/v1/ingest`.
 //!
 //! Every wire type is CBOR encoded with `minicbor` (not `serde_cbor`, which is unmaintained,
@@ -25,9 +27,13 @@ pub mod senml;
 #[cfg(feature = "alloc")]
 pub mod batch;
 #[cfg(feature = "alloc")]
+pub mod latest;
+#[cfg(feature = "alloc")]
 pub mod summary;
 
 #[cfg(feature = "alloc")]
 pub use batch::{BATCH_VERSION, Batch, BatchError, Gap};
+#[cfg(feature = "alloc")]
+pub use latest::{InvalidLatest, LatestValue, StateValue};
 #[cfg(feature = "alloc")]
 pub use summary::{InvalidSummary, Quantiles, Reading, Score, SummaryId, WindowSummary};

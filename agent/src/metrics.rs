@@ -169,6 +169,13 @@ pub struct Metrics {
     /// Readings with a text, boolean or data value or only a sum: checked by their contract,
     /// counted, not windowed.
     pub records_skipped_non_numeric: Counter,
+    /// Text, boolean or data values kept as their stream's latest value (newer than the one kept).
+    pub latest_values_stored: Counter,
+    /// Latest values acknowledged by the cloud.
+    pub latest_values_synced: Counter,
+    /// Streams with a latest value kept, and of those not yet acknowledged by the cloud.
+    pub latest_value_streams: Gauge,
+    pub latest_values_pending: Gauge,
     /// Contract rejections by contract and reason.
     pub contract_rejections: ContractCounter,
     /// The most rejected streams, by reason.
@@ -246,6 +253,16 @@ impl Metrics {
             "records_skipped_non_numeric_total",
             "Readings with a text, boolean or data value or only a sum (not windowed).",
             self.records_skipped_non_numeric.get(),
+        );
+        counter(
+            "latest_values_stored_total",
+            "Text, boolean or data readings kept as their stream's newest value, to be synced.",
+            self.latest_values_stored.get(),
+        );
+        counter(
+            "latest_values_synced_total",
+            "Latest values acknowledged by the cloud.",
+            self.latest_values_synced.get(),
         );
         counter(
             "journal_commits_total",
@@ -412,6 +429,16 @@ impl Metrics {
                 "# HELP edgewise_agent_{name} {help}\n# TYPE edgewise_agent_{name} gauge\nedgewise_agent_{name} {v}"
             );
         };
+        gauge(
+            "latest_value_streams",
+            "Streams whose newest text, boolean or data value is kept.",
+            self.latest_value_streams.get(),
+        );
+        gauge(
+            "latest_values_pending",
+            "Latest values the cloud does not have yet.",
+            self.latest_values_pending.get(),
+        );
         gauge(
             "outbox_rows",
             "Summaries waiting for the cloud.",

@@ -20,10 +20,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use edgewise_protocol::Reading;
+use edgewise_protocol::{LatestValue, Reading, StateValue};
 
 use crate::config::AgentConfig;
-use crate::decode::{DecodeLimits, PayloadDecoder, TopicFormats};
+use crate::decode::{DecodeLimits, PayloadDecoder, TopicFormats, Value};
 use crate::filter::{DeadLetterSampler, Filter};
 use crate::metrics::Metrics;
 use crate::store::{DeadLetter, Store, StoreError, StoreOptions};
@@ -64,6 +64,8 @@ struct Verdicts {
     undecodable: Vec<&'static str>,
     rejected: Vec<&'static str>,
     non_numeric: u64,
+    /// Text, boolean and data values, each to become its stream's latest value if newer.
+    latest: Vec<LatestValue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,14 +137,17 @@ impl Pipeline {
         proc_ms: i64,
     ) -> Result<(), StoreError> {
         let verdicts = self.prepare(batch, wall_ms);
-        let committed =
-            self.store
-                .commit_ingest(&self.accepted, &verdicts.dead, &mut self.inserted);
+        let committed = self.store.commit_ingest(
+            &self.accepted,
+            &verdicts.dead,
+            &verdicts.latest,
+            &mut self.inserted,
+        );
         self.note_store_result(&committed);
         if committed.is_err() {
             self.filter.rollback();
         }
-        committed?;
+        let latest = committed?;
         let m = &self.metrics;
         self.filter.commit(|c| {
             m.contract_rejections
@@ -160,6 +165,10 @@ impl Pipeline {
             m.readings_rejected.add(reason, 1);
         }
         m.records_skipped_non_numeric.add(verdicts.non_numeric);
+        m.latest_values_stored.add(latest.stored);
+        if latest.refused > 0 {
+            m.readings_rejected.add("stream_limit", latest.refused);
+        }
         for (r, &new) in self.accepted.iter().zip(&self.inserted) {
             if new {
                 self.windows.add(r, proc_ms);
@@ -181,11 +190,12 @@ impl Pipeline {
         self.new_streams.clear();
         for msg in batch {
             let mark = self.filter.mark();
-            let (accepted, dead, rejected, non_numeric) = (
+            let (accepted, dead, rejected, non_numeric, latest) = (
                 self.accepted.len(),
                 v.dead.len(),
                 v.rejected.len(),
                 v.non_numeric,
+                v.latest.len(),
             );
             let (filter, windows, sampler) = (&mut self.filter, &self.windows, &mut self.sampler);
             let (out, verdicts, new_streams) = (&mut self.accepted, &mut v, &mut self.new_streams);
@@ -213,9 +223,19 @@ impl Pipeline {
                             return;
                         }
                     };
-                    let Some(crate::decode::Value::Number(value)) = kept.value else {
-                        verdicts.non_numeric += 1;
-                        return;
+                    let value = match kept.value {
+                        Some(Value::Number(x)) => x,
+                        other => {
+                            verdicts.non_numeric += 1;
+                            if let Some(value) = other.and_then(state_value) {
+                                verdicts.latest.push(LatestValue {
+                                    stream: r.stream.to_owned(),
+                                    time_ms: r.time_ms,
+                                    value,
+                                });
+                            }
+                            return;
+                        }
                     };
                     let reading = Reading {
                         stream: r.stream.to_owned(),
@@ -262,6 +282,7 @@ impl Pipeline {
                 v.dead.truncate(dead);
                 v.rejected.truncate(rejected);
                 v.non_numeric = non_numeric;
+                v.latest.truncate(latest);
                 tracing::debug!(topic = msg.topic, error = %e, "undecodable message");
                 v.undecodable.push(e.reason());
                 v.dead
@@ -400,6 +421,16 @@ fn rebuild_windows(
         windows.add(r, 0);
     }
     Ok((windows, journal.len() as u64))
+}
+
+/// A text, boolean or data value as it is passed on to the cloud; `None` for a number.
+fn state_value(v: Value<'_>) -> Option<StateValue> {
+    match v {
+        Value::Number(_) => None,
+        Value::Text(t) => Some(StateValue::Text(t.to_owned())),
+        Value::Bool(b) => Some(StateValue::Bool(b)),
+        Value::Data(d) => Some(StateValue::Data(d.to_vec())),
+    }
 }
 
 #[cfg(test)]
@@ -656,6 +687,57 @@ mod tests {
 
     fn json(s: &str) -> Vec<u8> {
         s.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn text_boolean_and_data_readings_are_counted_and_passed_on_as_latest_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let mut p = Pipeline::open(&config(dir.path()), metrics.clone()).unwrap();
+        let payloads = [
+            json(r#"[{"bn":"n1/","bt":1.7e9,"n":"door","vs":"open"},{"n":"temperature","v":21}]"#),
+            json(r#"[{"bn":"n1/","bt":1.7e9,"n":"door","vs":"closed","t":-1}]"#),
+            json(r#"[{"bn":"n1/","bt":1.7e9,"n":"alarm","vb":true},{"n":"fw","vd":"AQID"}]"#),
+            // Undecodable after a text value: nothing of it is kept.
+            json(r#"[{"bn":"n2/","bt":1.7e9,"n":"door","vs":"open"},{"n":"x","v":"oops"}]"#),
+        ];
+        let batch: Vec<Message<'_>> = payloads
+            .iter()
+            .map(|payload| Message {
+                topic: "s/1",
+                payload,
+            })
+            .collect();
+        p.ingest(&batch, 0, 0).unwrap();
+        assert_eq!(metrics.readings_accepted.get(), 1);
+        assert_eq!(metrics.records_skipped_non_numeric.get(), 4);
+        // The older door value lost to the newer one already kept.
+        assert_eq!(metrics.latest_values_stored.get(), 3);
+        let d = p
+            .store()
+            .outbox_drain(crate::config::DrainOrder::OldestFirst, 10, u64::MAX)
+            .unwrap();
+        let t = 1_700_000_000_000;
+        assert_eq!(
+            d.latest,
+            vec![
+                LatestValue {
+                    stream: "n1/alarm".into(),
+                    time_ms: t,
+                    value: StateValue::Bool(true)
+                },
+                LatestValue {
+                    stream: "n1/door".into(),
+                    time_ms: t,
+                    value: StateValue::Text("open".into())
+                },
+                LatestValue {
+                    stream: "n1/fw".into(),
+                    time_ms: t,
+                    value: StateValue::Data(vec![1, 2, 3])
+                },
+            ]
+        );
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //! - `window_revision`: with `late_policy = "revise"`, the last emitted revision and count of
 //!   each closed window that late readings may still revise (see [`crate::window`]).
 //! - `dead_letter`: undecodable payloads and refused summaries, bounded to the newest N rows.
+//! - `latest_value`: per stream with text, boolean or data readings, the newest such value
+//!   ([`LatestValue`], CBOR) and whether the cloud has it yet (`pending`). At most
+//!   [`StoreOptions::max_latest_streams`] rows: a new stream past that is refused (counted). Not
+//!   part of the buffer cap: it is one small row per stream, replaced in place.
 //!
 //! What is durable when:
 //! - [`Store::commit_ingest`] writes a whole batch of readings (and dead letters) in one
@@ -35,7 +39,8 @@
 //!   they are; they are dead from the commit that moved the release time: a rebuild skips them
 //!   ([`crate::window::Windows::add`] ignores readings before the release time) and a
 //!   redelivery of them is refused as late before it reaches the journal.
-//! - Outbox and gap rows are deleted by [`Store::outbox_remove`] only after the receiver's 2xx.
+//! - Outbox and gap rows are deleted by [`Store::outbox_remove`] only after the receiver's 2xx;
+//!   a latest value is marked sent then, unless a newer one replaced it meanwhile.
 //!
 //! Buffer cap: the outbox plus gap records never hold more than `max_buffer_bytes` (each row
 //! counted as its encoded body plus [`ROW_OVERHEAD_BYTES`]) after a commit. Over the cap, plain
@@ -51,7 +56,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use edgewise_protocol::{Gap, Reading, WindowSummary};
+use edgewise_protocol::{Gap, LatestValue, Reading, WindowSummary};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 
 use crate::config::{AgentConfig, DrainOrder, SyncMode};
@@ -72,6 +77,9 @@ pub const REASON_STORE_CORRUPT: &str = "store_corrupt";
 /// Gap records sent per batch at most.
 const GAPS_PER_BATCH: usize = 64;
 
+/// Latest values sent per batch at most.
+const LATEST_PER_BATCH: usize = 256;
+
 const SCHEMA_VERSION: i64 = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +98,8 @@ pub enum StoreError {
     },
     #[error("outbox row {seq} is not a valid record: {message}")]
     CorruptRow { seq: i64, message: String },
+    #[error("the latest value of stream {stream:?} is not a valid record: {message}")]
+    CorruptLatest { stream: String, message: String },
     #[error("the operation was cancelled by shutdown")]
     Cancelled,
     #[error("database schema version {0} is newer than this agent understands ({SCHEMA_VERSION})")]
@@ -130,6 +140,8 @@ pub struct StoreOptions {
     pub journal: bool,
     pub max_buffer_bytes: u64,
     pub max_db_bytes: Option<u64>,
+    /// Streams whose latest non-numeric value is kept at most (`window.max_streams`).
+    pub max_latest_streams: u64,
 }
 
 impl Default for StoreOptions {
@@ -141,6 +153,7 @@ impl Default for StoreOptions {
             journal: true,
             max_buffer_bytes: u64::MAX,
             max_db_bytes: None,
+            max_latest_streams: 10_000,
         }
     }
 }
@@ -154,6 +167,7 @@ impl StoreOptions {
             journal: cfg.store.journal,
             max_buffer_bytes: cfg.store.max_buffer_bytes,
             max_db_bytes: cfg.store.max_db_bytes,
+            max_latest_streams: cfg.window.max_streams as u64,
         }
     }
 }
@@ -193,10 +207,12 @@ pub struct GapRow {
     pub bytes: usize,
 }
 
-/// What to send next: gap records first, then alerts, then plain summaries.
+/// What to send next: gap records first, then latest values, then alerts, then plain
+/// summaries.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Drain {
     pub gaps: Vec<GapRow>,
+    pub latest: Vec<LatestValue>,
     pub summaries: Vec<OutboxRow>,
     /// Sum of the encoded bodies.
     pub body_bytes: u64,
@@ -204,8 +220,52 @@ pub struct Drain {
 
 impl Drain {
     pub fn is_empty(&self) -> bool {
-        self.gaps.is_empty() && self.summaries.is_empty()
+        self.gaps.is_empty() && self.latest.is_empty() && self.summaries.is_empty()
     }
+
+    /// The keys of what this drain holds, for [`Store::outbox_remove`] and
+    /// [`Store::outbox_reject`] once the receiver answered.
+    pub fn keys(&self) -> SentKeys {
+        SentKeys {
+            summaries: self.summaries.iter().map(|r| r.seq).collect(),
+            gaps: self.gaps.iter().map(|g| g.gap.seq).collect(),
+            latest: self
+                .latest
+                .iter()
+                .map(|l| (l.stream.clone(), l.time_ms))
+                .collect(),
+        }
+    }
+}
+
+/// Which buffered records one request carried: outbox seqs, gap seqs, and latest values by
+/// stream and time (a value replaced since it was sent stays pending).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SentKeys {
+    pub summaries: Vec<i64>,
+    pub gaps: Vec<u64>,
+    pub latest: Vec<(String, i64)>,
+}
+
+impl SentKeys {
+    pub fn len(&self) -> usize {
+        self.summaries.len() + self.gaps.len() + self.latest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What [`Store::commit_ingest`] did with the batch's latest values.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LatestOutcome {
+    /// New or newer than the one kept: stored, to be sent.
+    pub stored: u64,
+    /// Not newer than the value kept (a redelivery, or out of order): ignored.
+    pub stale: u64,
+    /// A new stream past [`StoreOptions::max_latest_streams`]: refused.
+    pub refused: u64,
 }
 
 /// What [`Store::commit_closed`] did beyond inserting the summaries.
@@ -238,6 +298,8 @@ pub struct Store {
     opts: StoreOptions,
     /// `arrival` of the next journaled reading.
     next_arrival: i64,
+    /// Rows in `latest_value`, tracked without a COUNT(*) per batch.
+    latest_rows: u64,
 }
 
 impl Store {
@@ -348,7 +410,8 @@ impl Store {
             )?;
             tx.commit()?;
         }
-        // Not a schema version of its own: an older file simply has no revisions to keep.
+        // Not schema versions of their own: an older file simply has no revisions or latest
+        // values to keep.
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS window_revision (
                  stream TEXT NOT NULL,
@@ -356,7 +419,15 @@ impl Store {
                  revision INTEGER NOT NULL,
                  count INTEGER NOT NULL,
                  PRIMARY KEY (stream, window_start_ms)
-             ) WITHOUT ROWID;",
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS latest_value (
+                 stream TEXT PRIMARY KEY,
+                 time_ms INTEGER NOT NULL,
+                 body BLOB NOT NULL,
+                 pending INTEGER NOT NULL
+             ) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS latest_value_pending ON latest_value (pending)
+                 WHERE pending = 1;",
         )?;
         if version < 3 {
             // The journal keyed by time instead of stream (see the module docs); rows keep
@@ -384,10 +455,13 @@ impl Store {
             [],
             |r| r.get(0),
         )?;
+        let latest_rows: i64 =
+            conn.query_row("SELECT COUNT(*) FROM latest_value", [], |r| r.get(0))?;
         let mut store = Store {
             conn,
             opts: opts.clone(),
             next_arrival,
+            latest_rows: latest_rows.max(0) as u64,
         };
         store.set_max_db_bytes(opts.max_db_bytes)?;
         Ok(store)
@@ -507,20 +581,22 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Journals `readings` and records `dead` in one transaction. `inserted[i]` is false where
-    /// reading `i` was already journaled (a redelivery), which the caller must not count again.
-    /// With the journal disabled, readings are not written and all count as new.
+    /// Journals `readings`, records `dead` and keeps the newest of `latest` per stream, in one
+    /// transaction. `inserted[i]` is false where reading `i` was already journaled (a
+    /// redelivery), which the caller must not count again. With the journal disabled, readings
+    /// are not written and all count as new; latest values are kept either way.
     pub fn commit_ingest(
         &mut self,
         readings: &[Reading],
         dead: &[DeadLetter],
+        latest: &[LatestValue],
         inserted: &mut Vec<bool>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<LatestOutcome, StoreError> {
         inserted.clear();
         if !self.opts.journal {
             inserted.resize(readings.len(), true);
-            if dead.is_empty() {
-                return Ok(());
+            if dead.is_empty() && latest.is_empty() {
+                return Ok(LatestOutcome::default());
             }
         }
         let journal = self.opts.journal;
@@ -550,11 +626,13 @@ impl Store {
                 )?;
             }
         }
+        let outcome = keep_latest(&tx, latest, self.latest_rows, self.opts.max_latest_streams)?;
         tx.commit()?;
         if journal {
             self.next_arrival += readings.len() as i64;
         }
-        Ok(())
+        self.latest_rows += outcome.new_streams;
+        Ok(outcome.counts)
     }
 
     /// Moves closed windows to the outbox, deletes the journal rows with `time_ms` before
@@ -668,6 +746,26 @@ impl Store {
                 });
             }
         }
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT stream, body FROM latest_value WHERE pending = 1 LIMIT ?1",
+            )?;
+            let mut rows = stmt.query(params![LATEST_PER_BATCH as i64])?;
+            while let Some(row) = rows.next()? {
+                let body = row.get_ref(1)?.as_blob()?;
+                if !fits(&drain, body.len()) {
+                    return Ok(drain);
+                }
+                let value = minicbor::decode::<LatestValue>(body).map_err(|e| {
+                    StoreError::CorruptLatest {
+                        stream: row.get(0).unwrap_or_default(),
+                        message: e.to_string(),
+                    }
+                })?;
+                drain.body_bytes += body.len() as u64;
+                drain.latest.push(value);
+            }
+        }
         let sql = match order {
             DrainOrder::OldestFirst => {
                 "SELECT seq, body FROM outbox WHERE alert = ?1 ORDER BY seq ASC LIMIT ?2"
@@ -731,24 +829,22 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes the sent summaries (by outbox seq) and gap records (by gap seq) after the
-    /// cloud's ack, in one transaction. Returns how many rows went.
-    pub fn outbox_remove(
-        &mut self,
-        summary_seqs: &[i64],
-        gap_seqs: &[u64],
-    ) -> Result<usize, StoreError> {
+    /// Deletes the sent summaries (by outbox seq) and gap records (by gap seq) and marks the
+    /// sent latest values as delivered, after the cloud's ack, in one transaction. Returns how
+    /// many rows went (latest values not counted).
+    pub fn outbox_remove(&mut self, sent: &SentKeys) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let mut n = 0;
         {
             let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-            for seq in summary_seqs {
+            for seq in &sent.summaries {
                 n += del.execute(params![seq])?;
             }
             let mut del = tx.prepare_cached("DELETE FROM gap WHERE seq = ?1")?;
-            for seq in gap_seqs {
+            for seq in &sent.gaps {
                 n += del.execute(params![*seq as i64])?;
             }
+            mark_latest_sent(&tx, &sent.latest)?;
         }
         tx.commit()?;
         Ok(n)
@@ -758,11 +854,11 @@ impl Store {
     /// blocking the queue but are kept (and counted) rather than lost silently.
     pub fn outbox_reject(
         &mut self,
-        summary_seqs: &[i64],
-        gap_seqs: &[u64],
+        sent: &SentKeys,
         reason: &str,
         now_ms: i64,
     ) -> Result<usize, StoreError> {
+        let (summary_seqs, gap_seqs) = (&sent.summaries, &sent.gaps);
         let tx = self.conn.transaction()?;
         let mut n = 0;
         {
@@ -784,9 +880,29 @@ impl Store {
                 keep.execute(params![*seq as i64, now_ms, reason])?;
                 n += del.execute(params![*seq as i64])?;
             }
+            let mut keep = tx.prepare_cached(
+                "INSERT INTO dead_letter (received_ms, topic, reason, payload)
+                 SELECT ?3, 'latest', ?4, body FROM latest_value
+                 WHERE stream = ?1 AND time_ms = ?2 AND pending = 1",
+            )?;
+            for (stream, time_ms) in &sent.latest {
+                n += keep.execute(params![stream, time_ms, now_ms, reason])?;
+            }
+            mark_latest_sent(&tx, &sent.latest)?;
         }
         tx.commit()?;
         Ok(n)
+    }
+
+    /// Latest values the cloud does not have yet, and all kept, as `(pending, total)` (counted:
+    /// another connection may have changed them; the table is bounded).
+    pub fn latest_counts(&self) -> Result<(u64, u64), StoreError> {
+        let (pending, total): (i64, i64) = self.conn.query_row(
+            "SELECT COALESCE(SUM(pending), 0), COUNT(*) FROM latest_value",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((pending.max(0) as u64, total.max(0) as u64))
     }
 
     /// Rows and bytes buffered (outbox and gap records), O(1).
@@ -964,6 +1080,69 @@ fn insert_gap(tx: &Transaction<'_>, mut gap: Gap) -> Result<Gap, StoreError> {
     Ok(gap)
 }
 
+/// What [`keep_latest`] did, and how many rows it added.
+struct KeptLatest {
+    counts: LatestOutcome,
+    new_streams: u64,
+}
+
+/// Keeps each value of `latest` that is newer than the one kept for its stream (pending until
+/// the cloud has it). A stream not kept yet is added while fewer than `max_rows` are kept
+/// (`rows` now), and refused after that.
+fn keep_latest(
+    tx: &Transaction<'_>,
+    latest: &[LatestValue],
+    rows: u64,
+    max_rows: u64,
+) -> Result<KeptLatest, StoreError> {
+    let mut kept = KeptLatest {
+        counts: LatestOutcome::default(),
+        new_streams: 0,
+    };
+    if latest.is_empty() {
+        return Ok(kept);
+    }
+    let mut current = tx.prepare_cached("SELECT time_ms FROM latest_value WHERE stream = ?1")?;
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO latest_value (stream, time_ms, body, pending) VALUES (?1, ?2, ?3, 1)
+         ON CONFLICT (stream) DO UPDATE
+             SET time_ms = excluded.time_ms, body = excluded.body, pending = 1",
+    )?;
+    for v in latest {
+        let kept_time: Option<i64> = current
+            .query_row(params![v.stream], |r| r.get(0))
+            .optional()?;
+        match kept_time {
+            Some(t) if v.time_ms <= t => {
+                kept.counts.stale += 1;
+                continue;
+            }
+            None if rows + kept.new_streams >= max_rows => {
+                kept.counts.refused += 1;
+                continue;
+            }
+            None => kept.new_streams += 1,
+            Some(_) => {}
+        }
+        // Encoding into a Vec cannot fail: the writer is infallible.
+        let body = minicbor::to_vec(v).unwrap_or_default();
+        upsert.execute(params![v.stream, v.time_ms, body])?;
+        kept.counts.stored += 1;
+    }
+    Ok(kept)
+}
+
+/// Marks the latest values the cloud acknowledged (or refused) as no longer pending, unless a
+/// newer value replaced one since it was sent.
+fn mark_latest_sent(tx: &Transaction<'_>, sent: &[(String, i64)]) -> Result<(), StoreError> {
+    let mut done = tx
+        .prepare_cached("UPDATE latest_value SET pending = 0 WHERE stream = ?1 AND time_ms = ?2")?;
+    for (stream, time_ms) in sent {
+        done.execute(params![stream, time_ms])?;
+    }
+    Ok(())
+}
+
 /// Renames `path` (and its `-wal`; the `-shm` index is deleted) to `<path>.corrupt-<now_ms>`.
 fn move_aside(path: &Path, now_ms: i64) -> Result<PathBuf, StoreError> {
     let with_suffix = |suffix: &str| {
@@ -1064,10 +1243,15 @@ mod tests {
         let (_dir, mut store) = open();
         let mut ins = Vec::new();
         let rs = [reading("s", 1, 1.0), reading("s", 2, 2.0)];
-        store.commit_ingest(&rs, &[], &mut ins).unwrap();
+        store.commit_ingest(&rs, &[], &[], &mut ins).unwrap();
         assert_eq!(ins, vec![true, true]);
         store
-            .commit_ingest(&[reading("s", 2, 2.0), reading("s", 3, 3.0)], &[], &mut ins)
+            .commit_ingest(
+                &[reading("s", 2, 2.0), reading("s", 3, 3.0)],
+                &[],
+                &[],
+                &mut ins,
+            )
             .unwrap();
         assert_eq!(ins, vec![false, true]);
         assert_eq!(store.journal_len().unwrap(), 3);
@@ -1111,6 +1295,7 @@ mod tests {
             .commit_ingest(
                 &[reading("s", 10, 1.0), reading("u", 1, 4.0)],
                 &[],
+                &[],
                 &mut ins,
             )
             .unwrap();
@@ -1120,7 +1305,7 @@ mod tests {
     }
 
     #[test]
-    fn without_the_journal_readings_are_not_written_but_dead_letters_are() {
+    fn without_the_journal_readings_are_not_written_but_dead_letters_and_latest_values_are() {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions {
             journal: false,
@@ -1133,12 +1318,18 @@ mod tests {
             .commit_ingest(
                 &[reading("s", 1, 1.0), reading("s", 1, 1.0)],
                 &[d],
+                &[],
                 &mut ins,
             )
             .unwrap();
         assert_eq!(ins, vec![true, true]);
         assert_eq!(store.journal_len().unwrap(), 0);
         assert_eq!(store.dead_letters(10).unwrap().len(), 1);
+        let outcome = store
+            .commit_ingest(&[], &[], &[text("door", 1, "open")], &mut ins)
+            .unwrap();
+        assert_eq!(outcome.stored, 1);
+        assert_eq!(store.latest_counts().unwrap(), (1, 1));
     }
 
     #[test]
@@ -1155,7 +1346,7 @@ mod tests {
                 reading("s", 12, 9.0),
             ];
             let mut ins = Vec::new();
-            store.commit_ingest(&rs, &[], &mut ins).unwrap();
+            store.commit_ingest(&rs, &[], &[], &mut ins).unwrap();
             for r in &rs {
                 w.add(r, 0);
             }
@@ -1199,7 +1390,10 @@ mod tests {
         assert_eq!(store.outbox_size().unwrap().0, 3);
         assert_eq!(
             store
-                .outbox_remove(&[rows[0].seq, rows[1].seq], &[])
+                .outbox_remove(&SentKeys {
+                    summaries: vec![rows[0].seq, rows[1].seq],
+                    ..SentKeys::default()
+                })
                 .unwrap(),
             2
         );
@@ -1208,7 +1402,14 @@ mod tests {
         assert_eq!(rest[0].summary.window_start_ms, T + 20);
         assert_eq!(
             store
-                .outbox_reject(&[rest[0].seq], &[], "400: bad", 5)
+                .outbox_reject(
+                    &SentKeys {
+                        summaries: vec![rest[0].seq],
+                        ..SentKeys::default()
+                    },
+                    "400: bad",
+                    5
+                )
                 .unwrap(),
             1
         );
@@ -1234,7 +1435,12 @@ mod tests {
             }
         );
         let first = uploader.outbox_peek(1).unwrap()[0].seq;
-        uploader.outbox_remove(&[first], &[]).unwrap();
+        uploader
+            .outbox_remove(&SentKeys {
+                summaries: vec![first],
+                ..SentKeys::default()
+            })
+            .unwrap();
         assert_eq!(
             writer.buffer_usage().unwrap().bytes,
             total - row_bytes(&all[0])
@@ -1349,9 +1555,7 @@ mod tests {
             .unwrap();
         assert_eq!(d.summaries.len(), 1);
         // Removing what was sent, gaps included.
-        let seqs: Vec<i64> = d.summaries.iter().map(|r| r.seq).collect();
-        let gaps: Vec<u64> = d.gaps.iter().map(|g| g.gap.seq).collect();
-        store.outbox_remove(&seqs, &gaps).unwrap();
+        store.outbox_remove(&d.keys()).unwrap();
         assert_eq!(store.pending_gaps().unwrap(), vec![]);
         assert_eq!(store.buffer_usage().unwrap().gaps, 0);
     }
@@ -1361,17 +1565,17 @@ mod tests {
         let (_dir, mut store) = open();
         let mut ins = Vec::new();
         store
-            .commit_ingest(&[reading("s", 0, 0.0)], &[], &mut ins)
+            .commit_ingest(&[reading("s", 0, 0.0)], &[], &[], &mut ins)
             .unwrap();
         // No room to grow: the file stays at its current size.
         store.set_max_db_bytes(Some(1)).unwrap();
         let big: Vec<Reading> = (1..20_000).map(|t| reading("s", t, t as f64)).collect();
-        let err = store.commit_ingest(&big, &[], &mut ins).unwrap_err();
+        let err = store.commit_ingest(&big, &[], &[], &mut ins).unwrap_err();
         assert!(err.is_disk_full(), "{err}");
         // Nothing of the failed batch is there; what was committed before is.
         assert_eq!(store.journal_len().unwrap(), 1);
         store.set_max_db_bytes(None).unwrap();
-        store.commit_ingest(&big, &[], &mut ins).unwrap();
+        store.commit_ingest(&big, &[], &[], &mut ins).unwrap();
         assert_eq!(store.journal_len().unwrap(), 20_000);
     }
 
@@ -1380,7 +1584,7 @@ mod tests {
             let mut store = Store::open(path, 10).unwrap();
             let mut ins = Vec::new();
             let rs: Vec<Reading> = (0..5000).map(|t| reading("s", t, 1.0)).collect();
-            store.commit_ingest(&rs, &[], &mut ins).unwrap();
+            store.commit_ingest(&rs, &[], &[], &mut ins).unwrap();
             store
                 .conn
                 .pragma_update(None, "wal_checkpoint", "TRUNCATE")
@@ -1446,7 +1650,7 @@ mod tests {
         let mut ins = Vec::new();
         for i in 0..10 {
             let d = DeadLetter::new(i, "t", "not_json", &vec![b'x'; 10_000]);
-            store.commit_ingest(&[], &[d], &mut ins).unwrap();
+            store.commit_ingest(&[], &[d], &[], &mut ins).unwrap();
         }
         let kept = store.dead_letters(100).unwrap();
         assert_eq!(kept.len(), 3);
@@ -1466,5 +1670,94 @@ mod tests {
             Store::open(&path, 10),
             Err(StoreError::SchemaTooNew(99))
         ));
+    }
+
+    fn text(stream: &str, time_ms: i64, text: &str) -> LatestValue {
+        LatestValue {
+            stream: stream.to_string(),
+            time_ms,
+            value: edgewise_protocol::StateValue::Text(text.to_string()),
+        }
+    }
+
+    #[test]
+    fn latest_values_keep_the_newest_per_stream_up_to_the_cap_until_the_cloud_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let opts = StoreOptions {
+            max_latest_streams: 2,
+            ..StoreOptions::default()
+        };
+        let mut store = Store::open_with(&path, &opts).unwrap();
+        let mut ins = Vec::new();
+        let batch = [
+            text("door", 10, "open"),
+            text("door", 5, "closed"), // older than the one kept
+            text("door", 10, "open"),  // a redelivery
+            text("lock", 1, "on"),
+            text("fan", 1, "off"), // a third stream: over the cap
+        ];
+        let outcome = store.commit_ingest(&[], &[], &batch, &mut ins).unwrap();
+        assert_eq!(
+            outcome,
+            LatestOutcome {
+                stored: 2,
+                stale: 2,
+                refused: 1
+            }
+        );
+        // Sent before alerts and summaries, after gaps.
+        store
+            .commit_closed(&[closed("s", 0, true)], i64::MAX, 0)
+            .unwrap();
+        let d = store
+            .outbox_drain(DrainOrder::OldestFirst, 100, u64::MAX)
+            .unwrap();
+        assert_eq!(
+            d.latest,
+            vec![text("door", 10, "open"), text("lock", 1, "on")]
+        );
+        assert_eq!(d.summaries.len(), 1);
+        let sent = d.keys();
+        assert_eq!(sent.len(), 3);
+
+        // A newer door value arrives while the request is in flight: the ack of the old one
+        // must not mark the new one as delivered.
+        store
+            .commit_ingest(&[], &[], &[text("door", 20, "closed")], &mut ins)
+            .unwrap();
+        store.outbox_remove(&sent).unwrap();
+        let d = store
+            .outbox_drain(DrainOrder::OldestFirst, 100, u64::MAX)
+            .unwrap();
+        assert_eq!(d.latest, vec![text("door", 20, "closed")]);
+        assert_eq!(store.latest_counts().unwrap(), (1, 2));
+
+        // The rows and the cap survive a restart.
+        drop(store);
+        let mut store = Store::open_with(&path, &opts).unwrap();
+        let outcome = store
+            .commit_ingest(&[], &[], &[text("fan", 2, "on")], &mut ins)
+            .unwrap();
+        assert_eq!(outcome.refused, 1);
+
+        // Refused by the receiver for good: kept as a dead letter, no longer pending.
+        let d = store
+            .outbox_drain(DrainOrder::OldestFirst, 100, u64::MAX)
+            .unwrap();
+        assert_eq!(store.outbox_reject(&d.keys(), "400: bad", 7).unwrap(), 1);
+        assert_eq!(store.latest_counts().unwrap(), (0, 2));
+        let dead = store.dead_letters(10).unwrap();
+        assert_eq!(
+            (dead[0].topic.as_str(), dead[0].reason.as_str()),
+            ("latest", "400: bad")
+        );
+        assert!(
+            store
+                .outbox_drain(DrainOrder::OldestFirst, 100, u64::MAX)
+                .unwrap()
+                .latest
+                .is_empty()
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Sync: the buffer, most valuable first, to the receiver's `POST /v1/ingest`.
 //!
 //! The [`Uploader`] takes the next batch from the store ([`Store::outbox_drain`]): pending gap
-//! records, then alerts, then plain summaries in the configured [`DrainOrder`] (oldest first by
+//! records, then the newest text/boolean/data value of streams whose value changed, then alerts,
+//! then plain summaries in the configured [`DrainOrder`] (oldest first by
 //! default), up to `batch_max_summaries` and `batch_max_bytes` of encoded records. It posts them
 //! as one CBOR [`Batch`] and deletes exactly those rows only after a 2xx. A failed or unanswered
 //! request leaves them in place, so they are sent again: the receiver's insert is idempotent by
@@ -222,18 +223,21 @@ impl Uploader {
             return Outcome::Idle;
         }
         let started = tokio::time::Instant::now();
+        let sent = drain.keys();
+        let records = sent.len();
         let Drain {
-            gaps, summaries, ..
+            gaps,
+            latest,
+            summaries,
+            ..
         } = drain;
-        let seqs: Vec<i64> = summaries.iter().map(|r| r.seq).collect();
-        let gap_seqs: Vec<u64> = gaps.iter().map(|g| g.gap.seq).collect();
-        let records = seqs.len() + gap_seqs.len();
         let mut batch = Batch::new(
             self.agent_id.clone(),
             wall_ms(),
             summaries.into_iter().map(|r| r.summary).collect(),
         );
         batch.gaps = gaps.into_iter().map(|g| g.gap).collect();
+        batch.latest = latest;
         let body = batch.to_cbor();
         drop(batch);
         let body_len = body.len() as u64;
@@ -262,10 +266,12 @@ impl Uploader {
         let status = response.status();
         let pace = self.pace(body_len, started);
         if status.is_success() {
-            let (n, g) = (seqs.len() as u64, gap_seqs.len() as u64);
-            let removed = self
-                .with_store(move |s| s.outbox_remove(&seqs, &gap_seqs))
-                .await;
+            let (n, g, l) = (
+                sent.summaries.len() as u64,
+                sent.gaps.len() as u64,
+                sent.latest.len() as u64,
+            );
+            let removed = self.with_store(move |s| s.outbox_remove(&sent)).await;
             if let Err(e) = removed {
                 // The cloud has them; resending later is harmless (idempotent).
                 self.metrics.store_errors.inc();
@@ -274,6 +280,7 @@ impl Uploader {
             }
             self.metrics.summaries_synced.add(n);
             self.metrics.gaps_synced.add(g);
+            self.metrics.latest_values_synced.add(l);
             self.metrics.sync_requests_ok.inc();
             self.metrics.sync_bytes_sent.add(body_len);
             *limit = self.batch_max;
@@ -300,7 +307,7 @@ impl Uploader {
                 Outcome::Retry(retry_after)
             }
             StatusCode::PAYLOAD_TOO_LARGE if records > 1 => {
-                *limit = (seqs.len() / 2).max(1);
+                *limit = (sent.summaries.len() / 2).max(1);
                 tracing::warn!(records, "batch too large for the receiver; halving it");
                 Outcome::Sent(pace)
             }
@@ -311,7 +318,7 @@ impl Uploader {
                 tracing::error!(records, %reason, "moving refused records to the dead-letter table");
                 let now = wall_ms();
                 match self
-                    .with_store(move |s| s.outbox_reject(&seqs, &gap_seqs, &reason, now))
+                    .with_store(move |s| s.outbox_reject(&sent, &reason, now))
                     .await
                 {
                     Ok(moved) => {
@@ -351,6 +358,10 @@ impl Uploader {
             self.metrics.outbox_rows.set(u.summaries);
             self.metrics.outbox_bytes.set(u.bytes);
             self.metrics.buffer_gap_rows.set(u.gaps);
+        }
+        if let Ok((pending, streams)) = self.with_store(|s| s.latest_counts()).await {
+            self.metrics.latest_values_pending.set(pending);
+            self.metrics.latest_value_streams.set(streams);
         }
     }
 }

@@ -14,7 +14,9 @@
 
 use std::hint::black_box;
 
-use edgewise_agent::decode::{DecodeLimits, PayloadFormat, decode};
+pub mod cpu_time;
+
+use edgewise_agent::decode::{DecodeLimits, PayloadDecoder, PayloadFormat, Value};
 use edgewise_agent::filter::{Filter, FilterConfig};
 use edgewise_agent::window::{Admission, WindowSpec, Windows};
 use edgewise_protocol::Reading;
@@ -108,12 +110,11 @@ fn messages(format: Format, streams: usize) -> Vec<(String, Vec<u8>)> {
 pub struct Run {
     messages: Vec<(String, Vec<u8>)>,
     format: PayloadFormat,
-    limits: DecodeLimits,
+    decoder: PayloadDecoder,
     filter: Filter,
     pub windows: Windows,
     /// Readings that entered their window (all of them, in this workload).
     pub accepted: u64,
-    decoded: Vec<Reading>,
     next: usize,
     sent: u64,
     base_ms: i64,
@@ -144,11 +145,10 @@ impl Run {
         Run {
             messages: messages(format, streams),
             format: format.payload_format(),
-            limits: DecodeLimits::default(),
+            decoder: PayloadDecoder::new(DecodeLimits::default()),
             filter,
             windows: Windows::new("bench", spec),
             accepted: 0,
-            decoded: Vec::with_capacity(PACK),
             next: 0,
             sent: 0,
             base_ms: 1_700_000_000_000,
@@ -159,33 +159,40 @@ impl Run {
         self.base_ms + (self.sent * 1000 / self.messages.len() as u64) as i64
     }
 
-    /// Processes `n` messages; with `window` false only decodes them (the baseline).
+    /// Processes `n` messages as the pipeline does (`Pipeline::prepare` and, per accepted
+    /// reading, `Windows::add`): the zero-copy decoder, the contract on the borrowed reading, an
+    /// owned `Reading` for each reading kept. With `window` false only decodes them (the
+    /// baseline).
     pub fn process(&mut self, n: usize, window: bool) -> usize {
         let mut readings = 0;
         for _ in 0..n {
             let now = self.now_ms();
             let (topic, payload) = &self.messages[self.next];
-            self.decoded.clear();
-            let d = decode(
-                topic,
-                payload,
-                self.format,
-                &self.limits,
-                now,
-                &mut self.decoded,
-            );
-            black_box(&d);
-            readings += self.decoded.len();
-            if window {
-                for r in &self.decoded {
-                    if self.filter.check(&r.into()).is_ok()
-                        && self.windows.admit(r) == Admission::Open
-                    {
-                        self.windows.add(r, 0);
-                        self.accepted += 1;
+            let (filter, windows, accepted) =
+                (&mut self.filter, &mut self.windows, &mut self.accepted);
+            let decoded = self
+                .decoder
+                .decode_each(topic, payload, self.format, now, |r| {
+                    if !window {
+                        black_box(&r);
+                        return;
                     }
-                }
-            }
+                    let Ok(kept) = filter.check(&r) else { return };
+                    let Some(Value::Number(value)) = kept.value else {
+                        return;
+                    };
+                    let reading = Reading {
+                        stream: r.stream.to_owned(),
+                        time_ms: r.time_ms,
+                        value,
+                        unit: kept.unit.map(str::to_owned),
+                    };
+                    if windows.admit(&reading) == Admission::Open {
+                        windows.add(&reading, 0);
+                        *accepted += 1;
+                    }
+                });
+            readings += decoded.map_or(0, |d| d.readings);
             self.next = (self.next + 1) % self.messages.len();
             self.sent += 1;
             if window && self.sent % BATCH as u64 == 0 {

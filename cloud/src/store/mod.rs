@@ -13,8 +13,9 @@
 //!   received. An equal or lower revision changes nothing and counts as a duplicate; a higher one
 //!   replaces the row (exactly-once storage over at-least-once delivery).
 //! - At most one gap row per `(device_id, seq)`; a re-sent gap is a duplicate.
-//! - A batch is stored in ONE transaction: all of it or nothing. It is durable when `ingest`
-//!   returns `Ok`.
+//! - A batch is stored all or nothing, in one transaction (on SQLite, possibly together with
+//!   other batches, each in its own savepoint: see [`sqlite::writer`]). It is durable when
+//!   `ingest` returns `Ok`.
 //! - Every stored record passed [`check_batch`]: valid, and the writing device's own.
 //! - Only SHA-256 hashes of device tokens are stored.
 //!
@@ -56,6 +57,9 @@ pub enum StoreError {
     BadUrl(String),
     #[error("database task failed: {0}")]
     Task(String),
+    /// The transaction holding the batch failed as a whole; nothing of it was stored.
+    #[error("the batch was not stored: {0}")]
+    NotStored(String),
     #[error("database schema version {found} is newer than this build understands ({known})")]
     SchemaTooNew { found: i64, known: i64 },
     #[error("device id is invalid: {0}")]
@@ -437,8 +441,7 @@ impl Storage for Store {
         blocking(move || s.authenticate(&token)).await
     }
     async fn store_batch(&self, batch: CheckedBatch) -> Result<IngestOutcome, StoreError> {
-        let s = self.clone();
-        blocking(move || s.store_checked(&batch)).await
+        self.store_async(batch).await
     }
     async fn find_summaries(
         &self,
@@ -680,18 +683,16 @@ pub(crate) fn check_device_id(id: &str) -> Result<(), StoreError> {
 }
 
 /// A batch that passed [`check_batch`], ready to store: its summaries deduplicated (only the
-/// highest revision of each window is kept) and sorted by `(stream, window_start_ms)`, each with
-/// its hex [`edgewise_protocol::SummaryId`].
+/// highest revision of each window is kept) and sorted by `(stream, window_start_ms)`.
 ///
-/// Backends take only this type, so the checks, the deduplication and the per-summary hashing
-/// run once per batch, before any database lock or connection is taken. The sort order is the
+/// Backends take only this type, so the checks and the deduplication run once per batch,
+/// before any database lock or connection is taken. The sort order is the
 /// primary key's order (within one device): B-tree inserts walk the index in order, and
 /// concurrent transactions that touch the same rows take their locks in the same order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckedBatch {
     device_id: String,
     summaries: Vec<WindowSummary>,
-    ids: Vec<String>,
     gaps: Vec<Gap>,
     in_batch_duplicates: u64,
 }
@@ -714,12 +715,10 @@ impl CheckedBatch {
         summaries.dedup_by(|later, kept| {
             later.window_start_ms == kept.window_start_ms && later.stream == kept.stream
         });
-        let ids = summaries.iter().map(|s| hex::encode(s.id().0)).collect();
         Ok(CheckedBatch {
             device_id,
             in_batch_duplicates: (received - summaries.len()) as u64,
             summaries,
-            ids,
             gaps,
         })
     }
@@ -732,13 +731,6 @@ impl CheckedBatch {
     /// One summary per window, in key order.
     pub fn summaries(&self) -> &[WindowSummary] {
         &self.summaries
-    }
-
-    /// The summaries with their hex ids.
-    pub fn summaries_with_ids(&self) -> impl Iterator<Item = (&WindowSummary, &str)> {
-        self.summaries
-            .iter()
-            .zip(self.ids.iter().map(String::as_str))
     }
 
     pub fn gaps(&self) -> &[Gap] {
@@ -844,9 +836,6 @@ mod tests {
         assert_eq!(kept, [("a", 0, 0), ("a", 10_000, 1), ("b", 0, 2)]);
         assert_eq!(batch.in_batch_duplicates(), 3);
         assert_eq!(batch.gaps().len(), 1);
-        for (s, id) in batch.summaries_with_ids() {
-            assert_eq!(id, s.id().to_string());
-        }
         assert!(matches!(
             CheckedBatch::new("gw-2".to_owned(), vec![summary("a", 0, 0)], vec![]),
             Err(StoreError::ForeignSummary { index: 0, .. })

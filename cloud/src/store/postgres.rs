@@ -3,7 +3,7 @@
 //!
 //! Migrations: the same versions as SQLite (v1 devices and summaries, v2 scores and gaps, v3
 //! quantiles, v4 a partial alerts index; here v4 also drops the per-row foreign key from
-//! summaries to devices, see its comment), applied at start inside one transaction per version
+//! summaries to devices, see its comment; v5 drops the unread `summary_id` column), applied at start inside one transaction per version
 //! that first takes `LOCK TABLE schema_migrations`, so replicas starting together apply each
 //! version once.
 //!
@@ -111,6 +111,9 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX summaries_alerts;
      CREATE INDEX summaries_alerts ON summaries (window_start_ms) WHERE score_alert = 1;
      ALTER TABLE summaries DROP CONSTRAINT IF EXISTS summaries_device_id_fkey;",
+    // v5 (as on SQLite): no `summary_id` column. It is derived from the key and the revision,
+    // never read (the API computes the id), and it was a sixth of each row's bytes.
+    "ALTER TABLE summaries DROP COLUMN summary_id;",
 ];
 
 /// The number of schema versions this build knows.
@@ -534,7 +537,6 @@ struct SummaryColumns<'a> {
     first_time_ms: Vec<i64>,
     last_time_ms: Vec<i64>,
     unit: Vec<Option<&'a str>>,
-    summary_id: Vec<&'a str>,
     score_value: Vec<Option<f64>>,
     score_alert: Vec<Option<i32>>,
     score_model: Vec<Option<&'a str>>,
@@ -555,13 +557,12 @@ impl<'a> SummaryColumns<'a> {
             first_time_ms: Vec::with_capacity(n),
             last_time_ms: Vec::with_capacity(n),
             unit: Vec::with_capacity(n),
-            summary_id: Vec::with_capacity(n),
             score_value: Vec::with_capacity(n),
             score_alert: Vec::with_capacity(n),
             score_model: Vec::with_capacity(n),
             quantiles: std::array::from_fn(|_| Vec::with_capacity(n)),
         };
-        for (s, id) in batch.summaries_with_ids() {
+        for s in batch.summaries() {
             c.stream.push(&s.stream);
             c.window_start_ms.push(s.window_start_ms);
             c.window_end_ms.push(s.window_end_ms);
@@ -575,7 +576,6 @@ impl<'a> SummaryColumns<'a> {
             c.first_time_ms.push(s.first_time_ms);
             c.last_time_ms.push(s.last_time_ms);
             c.unit.push(s.unit.as_deref());
-            c.summary_id.push(id);
             c.score_value.push(s.score.as_ref().map(|x| x.value));
             c.score_alert
                 .push(s.score.as_ref().map(|x| i32::from(x.alert)));
@@ -620,7 +620,6 @@ impl<'a> SummaryColumns<'a> {
             last_value,
             &self.last_time_ms,
             &self.unit,
-            &self.summary_id,
             &self.score_value,
             &self.score_alert,
             &self.score_model,
@@ -635,7 +634,7 @@ impl<'a> SummaryColumns<'a> {
 /// The PostgreSQL type of each [`ROW_COLUMNS`] entry.
 const ROW_TYPES: [&str; ROW_COLUMNS.len()] = [
     "text", "bigint", "bigint", "bigint", "bigint", "float8", "float8", "float8", "float8",
-    "float8", "bigint", "float8", "bigint", "text", "text", "float8", "integer", "text", "float8",
+    "float8", "bigint", "float8", "bigint", "text", "float8", "integer", "text", "float8",
     "float8", "float8", "float8",
 ];
 
@@ -742,10 +741,10 @@ mod tests {
 
     #[test]
     fn array_insert_names_each_column_once_with_its_type() {
-        assert!(INSERT_NEW_SQL.contains("$20::text[]"));
-        assert!(INSERT_NEW_SQL.contains("$24::float8[]"));
-        assert!(!INSERT_NEW_SQL.contains("$25"));
-        assert!(INSERT_NEW_SQL.contains("$19::integer[]"));
+        assert!(INSERT_NEW_SQL.contains("$19::text[]"));
+        assert!(INSERT_NEW_SQL.contains("$23::float8[]"));
+        assert!(!INSERT_NEW_SQL.contains("$24"));
+        assert!(INSERT_NEW_SQL.contains("$18::integer[]"));
         assert!(REVISE_SQL.contains("received_at_ms = EXCLUDED.received_at_ms"));
         assert!(REVISE_SQL.contains("q_relative_error = EXCLUDED.q_relative_error"));
         assert!(!REVISE_SQL.contains("stream = EXCLUDED"));

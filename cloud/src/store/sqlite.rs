@@ -2,27 +2,35 @@
 //!
 //! WAL journal, `synchronous=NORMAL`, statement journals in memory, a 5 s busy timeout. The
 //! schema is created by versioned migrations recorded in `schema_migrations` (v1 devices and
-//! summaries; v2 scores and gaps; v3 quantiles; v4 a partial alerts index); a file written by a
-//! newer build is refused rather than guessed at.
+//! summaries; v2 scores and gaps; v3 quantiles; v4 a partial alerts index; v5 summaries in
+//! arrival order with the window key as a unique index); a file written by a newer build is
+//! refused rather than guessed at.
 //!
 //! The invariants are the module's ([`crate::store`]): one row per window at its highest
-//! revision, one row per `(device, gap seq)`, a batch in ONE transaction, durable (WAL +
-//! `synchronous=NORMAL`: survives a process crash) when `ingest` returns `Ok`.
+//! revision, one row per `(device, gap seq)`, a batch all or nothing, durable (WAL +
+//! `synchronous=NORMAL`: survives a process crash; on power loss the commits since the last
+//! checkpoint may roll back) when `ingest` returns `Ok`.
 //!
-//! rusqlite is synchronous: async callers run these methods in `tokio::task::spawn_blocking`
-//! (the [`crate::store::Storage`] impl does). The connection sits behind a mutex, so a [`Store`]
-//! is cheap to clone and safe to share.
+//! Batches are written by [`writer`]: one thread with its own connection commits the batches
+//! that arrive together in one transaction (each in its own savepoint), and another copies the
+//! write-ahead log into the file. Everything else (authentication, queries, device management)
+//! uses a second connection behind a mutex; in WAL mode its reads do not wait for the writer.
+//! rusqlite is synchronous: async callers run those methods in `tokio::task::spawn_blocking`
+//! (the [`crate::store::Storage`] impl does). A [`Store`] is cheap to clone and safe to share;
+//! when the last clone is dropped the writer finishes what is queued and closes.
 //!
 //! Tested by the unit tests below on temporary files, by the shared backend suite
 //! (`tests/backends.rs`) and through HTTP in `tests/api.rs`.
 
 use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError};
+
+pub mod writer;
 use std::time::Duration;
 
 use edgewise_protocol::{Gap, Quantiles, Score, WindowSummary};
 use rusqlite::types::Value;
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     CheckedBatch, DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, StoreError, StoredGap,
@@ -32,7 +40,7 @@ use crate::auth::{DeviceToken, TokenHash, TokenHasher};
 
 /// How long a write waits for another connection's write lock (another receiver on the same
 /// file) before it fails as busy.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema migrations, applied in order; `MIGRATIONS[i]` takes the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -91,6 +99,49 @@ const MIGRATIONS: &[&str] = &[
     // ~98% of windows that are not alerts cost one index insert less.
     "DROP INDEX summaries_alerts;
      CREATE INDEX summaries_alerts ON summaries (window_start_ms) WHERE score_alert = 1;",
+    // v5: summaries in a rowid table, in arrival order, with the window key as a UNIQUE index.
+    // Clustered by (device, stream, window start), every batch inserted into the middle of the
+    // tree at one place per stream, and each index entry repeated the whole key: about half
+    // the CPU per stored summary went into page splits and into the log pages they dirtied.
+    // Now rows append at the end, and the indexes carry small entries. Also gone: the
+    // `summary_id` column (derived from the key and revision, never read; the API computes the
+    // id) and the per-row foreign key check to devices (ingest checks the device once per batch
+    // in the same transaction, and devices are never deleted; PostgreSQL dropped it in v4).
+    "CREATE TABLE summaries_v5 (
+         device_id        TEXT NOT NULL,
+         stream           TEXT NOT NULL,
+         window_start_ms  INTEGER NOT NULL,
+         window_end_ms    INTEGER NOT NULL,
+         revision         INTEGER NOT NULL,
+         count            INTEGER NOT NULL,
+         min              REAL NOT NULL,
+         max              REAL NOT NULL,
+         mean             REAL NOT NULL,
+         stddev           REAL NOT NULL,
+         first_value      REAL NOT NULL,
+         first_time_ms    INTEGER NOT NULL,
+         last_value       REAL NOT NULL,
+         last_time_ms     INTEGER NOT NULL,
+         unit             TEXT,
+         received_at_ms   INTEGER NOT NULL,
+         score_value      REAL,
+         score_alert      INTEGER,
+         score_model      TEXT,
+         q_p50            REAL,
+         q_p90            REAL,
+         q_p99            REAL,
+         q_relative_error REAL
+     );
+     INSERT INTO summaries_v5 SELECT device_id, stream, window_start_ms, window_end_ms,
+         revision, count, min, max, mean, stddev, first_value, first_time_ms, last_value,
+         last_time_ms, unit, received_at_ms, score_value, score_alert, score_model, q_p50,
+         q_p90, q_p99, q_relative_error
+     FROM summaries ORDER BY received_at_ms;
+     DROP TABLE summaries;
+     ALTER TABLE summaries_v5 RENAME TO summaries;
+     CREATE UNIQUE INDEX summaries_key ON summaries (device_id, stream, window_start_ms);
+     CREATE INDEX summaries_by_window_start ON summaries (window_start_ms);
+     CREATE INDEX summaries_alerts ON summaries (window_start_ms) WHERE score_alert = 1;",
 ];
 
 /// The number of schema versions this build knows.
@@ -105,7 +156,7 @@ pub(crate) const SUMMARY_COLUMNS: &str =
 
 /// The per-summary columns of an insert, in the order [`bind_summary`] binds them; every row
 /// also gets `device_id` (`?1`) and `received_at_ms` (`?2`), bound once per statement.
-pub(crate) const ROW_COLUMNS: [&str; 22] = [
+pub(crate) const ROW_COLUMNS: [&str; 21] = [
     "stream",
     "window_start_ms",
     "window_end_ms",
@@ -120,7 +171,6 @@ pub(crate) const ROW_COLUMNS: [&str; 22] = [
     "last_value",
     "last_time_ms",
     "unit",
-    "summary_id",
     "score_value",
     "score_alert",
     "score_model",
@@ -166,9 +216,9 @@ static INSERT_NEW_SQL: LazyLock<Vec<(usize, String)>> = LazyLock::new(|| {
 const REVISE_SQL: &str = "UPDATE summaries SET
      window_end_ms = ?5, revision = ?6, count = ?7, min = ?8, max = ?9, mean = ?10,
      stddev = ?11, first_value = ?12, first_time_ms = ?13, last_value = ?14,
-     last_time_ms = ?15, unit = ?16, summary_id = ?17, received_at_ms = ?2,
-     score_value = ?18, score_alert = ?19, score_model = ?20, q_p50 = ?21, q_p90 = ?22,
-     q_p99 = ?23, q_relative_error = ?24
+     last_time_ms = ?15, unit = ?16, received_at_ms = ?2,
+     score_value = ?17, score_alert = ?18, score_model = ?19, q_p50 = ?20, q_p90 = ?21,
+     q_p99 = ?22, q_relative_error = ?23
  WHERE device_id = ?1 AND stream = ?3 AND window_start_ms = ?4 AND revision < ?6";
 
 /// Binds one summary's [`ROW_COLUMNS`] from parameter index `first` on.
@@ -176,7 +226,6 @@ fn bind_summary(
     stmt: &mut rusqlite::Statement<'_>,
     first: usize,
     s: &WindowSummary,
-    id: &str,
 ) -> rusqlite::Result<()> {
     // Checked by check_batch: the count fits.
     let count = i64::try_from(s.count).unwrap_or(i64::MAX);
@@ -197,7 +246,6 @@ fn bind_summary(
         &s.last_value,
         &s.last_time_ms,
         &s.unit,
-        &id,
         &score.map(|x| x.value),
         &score.map(|x| x.alert),
         &score.map(|x| x.model.as_str()),
@@ -212,10 +260,13 @@ fn bind_summary(
     Ok(())
 }
 
-/// The receiver's SQLite database. Clones share one connection.
+/// The receiver's SQLite database. Clones share its connection and its writer.
 #[derive(Clone)]
 pub struct Store {
+    /// Authentication, queries and device management.
     conn: Arc<Mutex<Connection>>,
+    /// Batches ([`writer`]).
+    writer: Arc<writer::Writer>,
     hasher: TokenHasher,
 }
 
@@ -226,7 +277,8 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database file and brings its schema up to date.
+    /// Opens (or creates) the database file, brings its schema up to date and starts its
+    /// writer. `path` is a file (the writer opens connections of its own to it).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -241,8 +293,10 @@ impl Store {
         // about a tenth less CPU per stored summary under the load client.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         migrate(&mut conn)?;
+        let writer = writer::Writer::start(path)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            writer: Arc::new(writer),
             hasher: TokenHasher::default(),
         })
     }
@@ -381,92 +435,22 @@ impl Store {
         gaps: &[Gap],
     ) -> Result<IngestOutcome, StoreError> {
         let batch = CheckedBatch::new(device_id.to_owned(), summaries.to_vec(), gaps.to_vec())?;
-        self.store_checked(&batch)
+        self.store_checked(batch)
     }
 
-    /// Stores a checked batch in one transaction.
-    ///
-    /// Summaries go in with multi-row `INSERT .. ON CONFLICT DO NOTHING` statements (as many
-    /// rows per statement as [`ROWS_PER_STATEMENT`] allows; the batch is cut into those sizes, so
-    /// a handful of cached statements serve every batch size). The rows changed are the new
-    /// windows. Only when some were not new does a second pass run a guarded `UPDATE .. WHERE
-    /// revision < new revision` per summary: a row changed there is a revision, and the rest
-    /// (already stored at the same or a higher revision, including rows this batch has just
-    /// inserted) are duplicates.
-    pub fn store_checked(&self, batch: &CheckedBatch) -> Result<IngestOutcome, StoreError> {
-        let device_id = batch.device_id();
-        let received_at_ms = now_ms();
-        let mut conn = self.lock();
-        // Takes the file's write lock at BEGIN (waiting up to BUSY_TIMEOUT), never by upgrading
-        // a read transaction, which another writer could make fail at once.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let known = tx.execute(
-            "UPDATE devices SET last_seen_ms = ?2 WHERE id = ?1",
-            params![device_id, received_at_ms],
-        )?;
-        if known == 0 {
-            return Err(StoreError::UnknownDevice(device_id.to_owned()));
-        }
-        let mut outcome = IngestOutcome {
-            duplicates: batch.in_batch_duplicates(),
-            ..IngestOutcome::default()
-        };
-        let rows: Vec<(&WindowSummary, &str)> = batch.summaries_with_ids().collect();
-        let mut rest = &rows[..];
-        while !rest.is_empty() {
-            let Some((n, sql)) = INSERT_NEW_SQL.iter().find(|(n, _)| *n <= rest.len()) else {
-                break; // unreachable: the sizes end with 1
-            };
-            let (chunk, tail) = rest.split_at(*n);
-            rest = tail;
-            let mut insert = tx.prepare_cached(sql)?;
-            insert.raw_bind_parameter(1, device_id)?;
-            insert.raw_bind_parameter(2, received_at_ms)?;
-            for (r, (s, id)) in chunk.iter().enumerate() {
-                bind_summary(&mut insert, 3 + r * PARAMS_PER_ROW, s, id)?;
-            }
-            outcome.inserted += insert.raw_execute()? as u64;
-        }
-        let stored = rows.len() as u64;
-        if outcome.inserted < stored {
-            let mut revise = tx.prepare_cached(REVISE_SQL)?;
-            for (s, id) in &rows {
-                revise.raw_bind_parameter(1, device_id)?;
-                revise.raw_bind_parameter(2, received_at_ms)?;
-                bind_summary(&mut revise, 3, s, id)?;
-                outcome.revised += revise.raw_execute()? as u64;
-            }
-            outcome.duplicates += stored - outcome.inserted - outcome.revised;
-        }
-        {
-            let mut write_gap = tx.prepare_cached(
-                "INSERT INTO gaps (device_id, seq, streams, from_ms, to_ms, count, reason,
-                                   recorded_at_ms, received_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (device_id, seq) DO NOTHING",
-            )?;
-            for g in batch.gaps() {
-                // Checked by check_batch: seq and count fit.
-                let changed = write_gap.execute(params![
-                    device_id,
-                    i64::try_from(g.seq).unwrap_or(i64::MAX),
-                    streams_json(&g.streams),
-                    g.from_ms,
-                    g.to_ms,
-                    i64::try_from(g.count).unwrap_or(i64::MAX),
-                    g.reason,
-                    g.recorded_at_ms,
-                    received_at_ms,
-                ])?;
-                if changed == 1 {
-                    outcome.gaps_inserted += 1;
-                } else {
-                    outcome.gaps_duplicate += 1;
-                }
-            }
-        }
-        tx.commit()?;
-        Ok(outcome)
+    /// Stores a checked batch, all or nothing, through the writer ([`writer`]): blocks until
+    /// the group commit holding it has committed. Async callers use
+    /// [`crate::store::Storage::store_batch`], which awaits instead.
+    pub fn store_checked(&self, batch: CheckedBatch) -> Result<IngestOutcome, StoreError> {
+        self.writer.store_blocking(batch)
+    }
+
+    /// [`Store::store_checked`] for async callers.
+    pub(crate) async fn store_async(
+        &self,
+        batch: CheckedBatch,
+    ) -> Result<IngestOutcome, StoreError> {
+        self.writer.store(batch).await
     }
 
     /// Stored summaries matching `q`, oldest window first.
@@ -532,6 +516,90 @@ impl Store {
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
+}
+
+/// Writes a checked batch inside the caller's transaction (the writer's savepoint), with
+/// `received_at_ms` on every row, and marks the device as seen.
+///
+/// Summaries go in with multi-row `INSERT .. ON CONFLICT DO NOTHING` statements (as many
+/// rows per statement as [`ROWS_PER_STATEMENT`] allows; the batch is cut into those sizes, so
+/// a handful of cached statements serve every batch size). The rows changed are the new
+/// windows. Only when some were not new does a second pass run a guarded `UPDATE .. WHERE
+/// revision < new revision` per summary: a row changed there is a revision, and the rest
+/// (already stored at the same or a higher revision, including rows this batch has just
+/// inserted) are duplicates.
+pub(crate) fn write_batch(
+    conn: &Connection,
+    batch: &CheckedBatch,
+    received_at_ms: i64,
+) -> Result<IngestOutcome, StoreError> {
+    let device_id = batch.device_id();
+    let known = conn.execute(
+        "UPDATE devices SET last_seen_ms = ?2 WHERE id = ?1",
+        params![device_id, received_at_ms],
+    )?;
+    if known == 0 {
+        return Err(StoreError::UnknownDevice(device_id.to_owned()));
+    }
+    let mut outcome = IngestOutcome {
+        duplicates: batch.in_batch_duplicates(),
+        ..IngestOutcome::default()
+    };
+    let rows = batch.summaries();
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let Some((n, sql)) = INSERT_NEW_SQL.iter().find(|(n, _)| *n <= rest.len()) else {
+            break; // unreachable: the sizes end with 1
+        };
+        let (chunk, tail) = rest.split_at(*n);
+        rest = tail;
+        let mut insert = conn.prepare_cached(sql)?;
+        insert.raw_bind_parameter(1, device_id)?;
+        insert.raw_bind_parameter(2, received_at_ms)?;
+        for (r, s) in chunk.iter().enumerate() {
+            bind_summary(&mut insert, 3 + r * PARAMS_PER_ROW, s)?;
+        }
+        outcome.inserted += insert.raw_execute()? as u64;
+    }
+    let stored = rows.len() as u64;
+    if outcome.inserted < stored {
+        let mut revise = conn.prepare_cached(REVISE_SQL)?;
+        for s in rows {
+            revise.raw_bind_parameter(1, device_id)?;
+            revise.raw_bind_parameter(2, received_at_ms)?;
+            bind_summary(&mut revise, 3, s)?;
+            outcome.revised += revise.raw_execute()? as u64;
+        }
+        outcome.duplicates += stored - outcome.inserted - outcome.revised;
+    }
+    {
+        let mut write_gap = conn.prepare_cached(
+            "INSERT INTO gaps (device_id, seq, streams, from_ms, to_ms, count, reason,
+                               recorded_at_ms, received_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (device_id, seq) DO NOTHING",
+        )?;
+        for g in batch.gaps() {
+            // Checked by check_batch: seq and count fit.
+            let changed = write_gap.execute(params![
+                device_id,
+                i64::try_from(g.seq).unwrap_or(i64::MAX),
+                streams_json(&g.streams),
+                g.from_ms,
+                g.to_ms,
+                i64::try_from(g.count).unwrap_or(i64::MAX),
+                g.reason,
+                g.recorded_at_ms,
+                received_at_ms,
+            ])?;
+            if changed == 1 {
+                outcome.gaps_inserted += 1;
+            } else {
+                outcome.gaps_duplicate += 1;
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 /// Devices with their counts; the same text runs on both backends.
@@ -778,7 +846,12 @@ mod tests {
         }
     }
 
-    fn summary(agent: &str, stream: &str, start_ms: i64, revision: u32) -> WindowSummary {
+    pub(super) fn summary(
+        agent: &str,
+        stream: &str,
+        start_ms: i64,
+        revision: u32,
+    ) -> WindowSummary {
         WindowSummary {
             agent_id: agent.to_owned(),
             stream: stream.to_owned(),
@@ -813,7 +886,7 @@ mod tests {
     #[test]
     fn open_creates_the_current_schema_in_wal_mode_and_reopens() {
         let (dir, store) = open();
-        assert_eq!(store.schema_version().unwrap(), 4);
+        assert_eq!(store.schema_version().unwrap(), 5);
         let mode: String = store
             .lock()
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -822,7 +895,7 @@ mod tests {
         store.add_device("gw-1").unwrap();
         drop(store);
         let again = Store::open(&dir.path().join("cloud.db")).unwrap();
-        assert_eq!(again.schema_version().unwrap(), 4);
+        assert_eq!(again.schema_version().unwrap(), 5);
         assert_eq!(again.devices().unwrap().len(), 1);
     }
 
@@ -842,7 +915,7 @@ mod tests {
             err,
             StoreError::SchemaTooNew {
                 found: 99,
-                known: 4
+                known: SCHEMA_VERSION
             }
         ));
     }

@@ -12,7 +12,8 @@
 //! over its streams, one-minute windows, scored, every 50th an alert): by default 500 summaries,
 //! the agent uploader's default `batch_max_summaries` (about 80 KB, under its 512 KiB
 //! `batch_max_bytes`). `--concurrency` clients post at once, each over its own keep-alive
-//! connection, spread over the replicas. PostgreSQL runs use a fresh database that is dropped at
+//! connection, spread over the replicas (`--pg-connections` sets each PostgreSQL replica's
+//! pool size, default the receiver's). PostgreSQL runs use a fresh database that is dropped at
 //! the end. The rate limit is off (it is per device and would only measure itself).
 //!
 //! The client is kept cheap so that the figures measure the receiver: each device's first batch
@@ -42,6 +43,8 @@ struct Args {
     concurrency: usize,
     seconds: u64,
     client_threads: usize,
+    /// PostgreSQL connections per replica.
+    pg_connections: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -55,6 +58,7 @@ fn parse_args() -> anyhow::Result<Args> {
         concurrency: 16,
         seconds: 10,
         client_threads: 1,
+        pg_connections: PgConfig::default().max_connections,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +73,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--concurrency" => a.concurrency = value.parse()?,
             "--seconds" => a.seconds = value.parse()?,
             "--client-threads" => a.client_threads = value.parse()?,
+            "--pg-connections" => a.pg_connections = value.parse()?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -318,11 +323,11 @@ async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<
             let mut cfg = admin.clone();
             cfg.dbname(&name);
             for _ in 0..args.replicas {
-                stores.push(
-                    PgStore::connect_with(cfg.clone(), &PgConfig::default())
-                        .await?
-                        .into(),
-                );
+                let pool = PgConfig {
+                    max_connections: args.pg_connections,
+                    ..PgConfig::default()
+                };
+                stores.push(PgStore::connect_with(cfg.clone(), &pool).await?.into());
             }
             bench_db = Some((admin, name));
         }

@@ -7,8 +7,9 @@
 //!
 //! - [`auth`]: device tokens (random, shown once, stored as SHA-256) and bearer header parsing.
 //! - [`store`]: storage of devices, summaries (with scores) and gap records: shared types and
-//!   checks, and the SQLite backend ([`Store`]): schema migrations, idempotent one-transaction
-//!   ingest keyed by `(device, stream, window start)` with revisions, and by `(device, gap seq)`.
+//!   checks, and the SQLite backend ([`Store`]): schema migrations, idempotent all-or-nothing
+//!   ingest keyed by `(device, stream, window start)` with revisions, and by `(device, gap seq)`,
+//!   written by one writer thread that commits concurrent batches together (`store::sqlite::writer`).
 //! - [`limit`]: per-device token-bucket rate limiting of ingest (429 with `Retry-After`).
 //! - [`metrics`]: per-receiver atomic counters ([`Metrics`]) rendered as Prometheus text.
 //! - [`api`]: the axum routes and handlers, request checks, and errors mapped to statuses.

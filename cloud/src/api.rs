@@ -2,13 +2,14 @@
 //!
 //! | Route                  | Answer                                                        |
 //! |------------------------|---------------------------------------------------------------|
-//! | `POST /v1/ingest`      | store a CBOR [`Batch`]; 200 `{"inserted","duplicates","revised"}` |
+//! | `POST /v1/ingest`      | store a CBOR [`Batch`]; 200 [`IngestOutcome`] counts          |
 //! | `GET /v1/devices`      | JSON list of [`DeviceInfo`]                                   |
 //! | `GET /v1/summaries`    | JSON list of [`StoredSummary`]; `device, stream, from, to, limit` |
 //! | `GET /metrics`         | Prometheus text 0.0.4                                         |
 //! | `GET /healthz`         | 200 `ok` when the database answers, else 503                  |
 //! | `GET /v1/alerts`       | like `/v1/summaries`, only summaries whose score is an alert  |
 //! | `GET /v1/gaps`         | JSON list of [`StoredGap`]; `device, from, to, limit, after`  |
+//! | `GET /v1/latest`       | JSON list of [`StoredLatest`]; `device, stream, limit, after` |
 //! | `GET /openapi.json`    | the OpenAPI document of these routes ([`ApiDoc`])             |
 //! | `GET /`                | the dashboard (`assets/dashboard.html`, embedded)             |
 //!
@@ -19,13 +20,15 @@
 //!
 //! Ingest checks, in order: bearer token (401), body size (413), CBOR batch and version (400),
 //! at most [`MAX_SUMMARIES_PER_BATCH`] summaries (400), `batch.agent_id` and every
-//! `summary.agent_id` equal to the authenticated device (403), every summary valid (400 naming
-//! the index and reason). Any refusal stores nothing: the batch is all or nothing.
+//! `summary.agent_id` equal to the authenticated device (403), every summary, gap and latest
+//! value valid, at most [`crate::store::MAX_GAPS_PER_BATCH`] gaps and
+//! [`crate::store::MAX_LATEST_PER_BATCH`] latest values (400 naming the index and reason). Any
+//! refusal stores nothing: the batch is all or nothing.
 //! The token is checked before the body is read, so an unauthenticated client cannot make the
 //! receiver buffer a body.
 //!
-//! The query routes (`/v1/devices`, `/v1/summaries`) are NOT authenticated yet: put the receiver
-//! behind a private network or a proxy until operator auth lands.
+//! The query routes (`/v1/devices`, `/v1/summaries`, ...) are NOT authenticated yet: put the
+//! receiver behind a private network or a proxy until operator auth lands.
 //!
 //! Errors answer `{"error": "<message>"}`; a 500 says only "internal server error" and the cause
 //! goes to the log. Tested through real HTTP in `tests/api.rs`.
@@ -47,10 +50,11 @@ use tower_http::trace::TraceLayer;
 use crate::auth::bearer_token;
 use crate::limit::{RateLimit, RateLimiter};
 use crate::metrics::{Metrics, PROMETHEUS_CONTENT_TYPE, RejectReason};
+use crate::store::latest::{LatestJson, LatestKind, LatestValueJson};
 use crate::store::{
     CheckedBatch, DEFAULT_QUERY_LIMIT, DeviceInfo, FlatSummary, GapQuery, IngestOutcome,
-    MAX_QUERY_LIMIT, QuantilesJson, ScoreJson, Storage, StoreError, StoredGap, StoredSummary,
-    SummaryFilter, SummaryKey, SummaryQuery,
+    LatestQuery, MAX_QUERY_LIMIT, QuantilesJson, ScoreJson, Storage, StoreError, StoredGap,
+    StoredLatest, StoredSummary, SummaryFilter, SummaryKey, SummaryQuery,
 };
 
 /// Most summaries accepted in one batch.
@@ -139,9 +143,9 @@ impl From<StoreError> for ApiError {
             StoreError::ForeignSummary { .. } | StoreError::ForeignGap { .. } => {
                 ApiError::Forbidden(e.to_string())
             }
-            StoreError::InvalidSummary { .. } | StoreError::InvalidGap { .. } => {
-                ApiError::Invalid(e.to_string())
-            }
+            StoreError::InvalidSummary { .. }
+            | StoreError::InvalidGap { .. }
+            | StoreError::InvalidLatest { .. } => ApiError::Invalid(e.to_string()),
             // The device was removed between authentication and storing.
             StoreError::UnknownDevice(_) => ApiError::Unauthorized,
             StoreError::Unavailable(cause) => ApiError::Unavailable(cause),
@@ -189,8 +193,8 @@ pub struct ErrorBody {
 #[derive(utoipa::OpenApi)]
 #[openapi(
     info(title = "Edgewise cloud receiver", description = "Ingest of window summaries from Edgewise agents, and the query API."),
-    paths(dashboard, ingest, list_devices, list_summaries, list_alerts, list_gaps, render_metrics, healthz, openapi_json),
-    components(schemas(IngestOutcome, DeviceInfo, FlatSummary, ScoreJson, QuantilesJson, StoredGap, ErrorBody)),
+    paths(dashboard, ingest, list_devices, list_summaries, list_alerts, list_gaps, list_latest, render_metrics, healthz, openapi_json),
+    components(schemas(IngestOutcome, DeviceInfo, FlatSummary, ScoreJson, QuantilesJson, StoredGap, LatestJson, LatestKind, LatestValueJson, ErrorBody)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -263,6 +267,7 @@ pub fn router<S: Storage>(store: S, metrics: Arc<Metrics>, cfg: &ServerConfig) -
         .route("/v1/summaries", get(list_summaries::<S>))
         .route("/v1/alerts", get(list_alerts::<S>))
         .route("/v1/gaps", get(list_gaps::<S>))
+        .route("/v1/latest", get(list_latest::<S>))
         .route("/metrics", get(render_metrics::<S>))
         .route("/healthz", get(healthz::<S>))
         .route("/openapi.json", get(openapi_json))
@@ -272,7 +277,7 @@ pub fn router<S: Storage>(store: S, metrics: Arc<Metrics>, cfg: &ServerConfig) -
         .with_state(state)
 }
 
-/// Store a CBOR batch of window summaries and gap records.
+/// Store a CBOR batch of window summaries, gap records and latest values.
 #[utoipa::path(post, path = "/v1/ingest", tag = "ingest",
     request_body(content = Vec<u8>, content_type = "application/cbor",
                  description = "A protocol Batch, optionally with Content-Encoding: gzip"),
@@ -354,7 +359,8 @@ async fn ingest_batch<S: Storage>(
             batch.agent_id
         )));
     }
-    let batch = CheckedBatch::new(device, batch.summaries, batch.gaps)?;
+    let batch =
+        CheckedBatch::new(device, batch.summaries, batch.gaps)?.with_latest(batch.latest)?;
     Ok(state.store.store_batch(batch).await?)
 }
 
@@ -580,6 +586,58 @@ async fn list_gaps<S: Storage>(
     let limit = query.limit;
     let rows = state.store.find_gaps(query).await?;
     Ok(page(rows, limit, gap_cursor))
+}
+
+/// Raw `/v1/latest` parameters; empty values count as absent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LatestParams {
+    device: Option<String>,
+    stream: Option<String>,
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+fn latest_cursor(v: &StoredLatest) -> String {
+    format!("{}.{}", hex::encode(&v.device_id), hex::encode(&v.stream))
+}
+
+fn parse_latest_cursor(s: &str) -> Option<(String, String)> {
+    let (device, stream) = s.split_once('.')?;
+    let text = |h: &str| String::from_utf8(hex::decode(h).ok()?).ok();
+    Some((text(device)?, text(stream)?))
+}
+
+/// The newest text, boolean or data value of each stream (`kind` says which; data is base64url),
+/// by device and stream, paged.
+#[utoipa::path(get, path = "/v1/latest", tag = "query",
+    params(
+        ("device" = Option<String>, Query, description = "Device id"),
+        ("stream" = Option<String>, Query, description = "Stream name, e.g. node-1/door"),
+        ("limit" = Option<u32>, Query, description = "Rows per page, 1 to 10000 (default 1000)", minimum = 1, maximum = 10000),
+        ("after" = Option<String>, Query, description = "The next-cursor header of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of latest values, by device then stream; a full page carries a next-cursor header", body = Vec<LatestJson>),
+        (status = 400, description = "Bad parameter", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ))]
+async fn list_latest<S: Storage>(
+    State(state): State<AppState<S>>,
+    params: Result<Query<LatestParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let query = LatestQuery {
+        device: present(p.device),
+        stream: present(p.stream),
+        after: present(p.after)
+            .map(|s| parse_latest_cursor(&s).ok_or_else(|| bad_cursor(&s)))
+            .transpose()?,
+        limit: limit(p.limit)?,
+    };
+    let limit = query.limit;
+    let rows = state.store.find_latest(query).await?;
+    Ok(page(rows, limit, latest_cursor))
 }
 
 /// Prometheus text exposition of this receiver's counters.

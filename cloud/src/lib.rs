@@ -1,15 +1,17 @@
 //! The Edgewise ingestion receiver: authenticates devices, stores their window summaries (with
-//! anomaly scores) and gap records exactly once in SQLite or PostgreSQL, and serves them back
-//! through a query API, an OpenAPI document and a dashboard, with Prometheus metrics and a
-//! health check.
+//! anomaly scores), gap records and the latest text/boolean/data value of each stream exactly
+//! once in SQLite or PostgreSQL, and serves them back through a query API, an OpenAPI document
+//! and a dashboard, with Prometheus metrics and a health check.
 //!
 //! # Layout
 //!
 //! - [`auth`]: device tokens (random, shown once, stored as SHA-256) and bearer header parsing.
-//! - [`store`]: storage of devices, summaries (with scores) and gap records: shared types and
-//!   checks, and the SQLite backend ([`Store`]): schema migrations, idempotent all-or-nothing
-//!   ingest keyed by `(device, stream, window start)` with revisions, and by `(device, gap seq)`,
-//!   written by one writer thread that commits concurrent batches together (`store::sqlite::writer`).
+//! - [`store`]: storage of devices, summaries (with scores), gap records and latest values:
+//!   shared types and checks, and the SQLite ([`Store`]) and PostgreSQL ([`PgStore`]) backends:
+//!   schema migrations, idempotent all-or-nothing ingest keyed by `(device, stream, window
+//!   start)` with revisions, by `(device, gap seq)`, and by `(device, stream)` keeping the newest
+//!   latest value; on SQLite written by one writer thread that commits concurrent batches
+//!   together (`store::sqlite::writer`).
 //! - [`limit`]: per-device token-bucket rate limiting of ingest (429 with `Retry-After`).
 //! - [`metrics`]: per-receiver atomic counters ([`Metrics`]) rendered as Prometheus text.
 //! - [`api`]: the axum routes and handlers, request checks, and errors mapped to statuses.
@@ -38,6 +40,7 @@ pub use limit::RateLimit;
 pub use metrics::{Metrics, MetricsSnapshot, RejectReason};
 pub use server::Receiver;
 pub use store::{
-    AnyStore, DeviceInfo, GapQuery, IngestOutcome, PgConfig, PgStore, Storage, Store, StoreError,
-    StoredGap, StoredSummary, SummaryFilter, SummaryKey, SummaryQuery,
+    AnyStore, DeviceInfo, GapQuery, IngestOutcome, LatestQuery, MAX_LATEST_PER_BATCH, PgConfig,
+    PgStore, Storage, Store, StoreError, StoredGap, StoredLatest, StoredSummary, SummaryFilter,
+    SummaryKey, SummaryQuery,
 };

@@ -70,6 +70,8 @@ pub struct Metrics {
     inserted: AtomicU64,
     duplicates: AtomicU64,
     revised: AtomicU64,
+    latest_stored: AtomicU64,
+    latest_ignored: AtomicU64,
     rejected: [AtomicU64; 6],
 }
 
@@ -82,6 +84,8 @@ pub struct MetricsSnapshot {
     pub summaries_inserted: u64,
     pub summaries_duplicate: u64,
     pub summaries_revised: u64,
+    pub latest_stored: u64,
+    pub latest_ignored: u64,
     pub rejected_unauthorized: u64,
     pub rejected_forbidden: u64,
     pub rejected_malformed: u64,
@@ -107,6 +111,10 @@ impl Metrics {
         self.duplicates
             .fetch_add(outcome.duplicates, Ordering::Relaxed);
         self.revised.fetch_add(outcome.revised, Ordering::Relaxed);
+        self.latest_stored
+            .fetch_add(outcome.latest_stored, Ordering::Relaxed);
+        self.latest_ignored
+            .fetch_add(outcome.latest_ignored, Ordering::Relaxed);
     }
 
     pub fn record_rejection(&self, reason: RejectReason) {
@@ -126,6 +134,8 @@ impl Metrics {
             summaries_inserted: get(&self.inserted),
             summaries_duplicate: get(&self.duplicates),
             summaries_revised: get(&self.revised),
+            latest_stored: get(&self.latest_stored),
+            latest_ignored: get(&self.latest_ignored),
             rejected_unauthorized: self.rejected(RejectReason::Unauthorized),
             rejected_forbidden: self.rejected(RejectReason::Forbidden),
             rejected_malformed: self.rejected(RejectReason::Malformed),
@@ -160,6 +170,13 @@ impl Metrics {
                 ("duplicate", s.summaries_duplicate),
                 ("revised", s.summaries_revised),
             ],
+        );
+        family(
+            &mut out,
+            "edgewise_latest_values_total",
+            "Latest (text, boolean, data) values in accepted batches: stored, or ignored as not newer.",
+            "outcome",
+            &[("stored", s.latest_stored), ("ignored", s.latest_ignored)],
         );
         let rejected: Vec<(&str, u64)> = RejectReason::ALL
             .iter()
@@ -200,6 +217,8 @@ mod tests {
             inserted: 5,
             duplicates: 2,
             revised: 1,
+            latest_stored: 3,
+            latest_ignored: 4,
             ..IngestOutcome::default()
         });
         m.record_rejection(RejectReason::Unauthorized);
@@ -213,6 +232,8 @@ mod tests {
             "edgewise_summaries_total{outcome=\"inserted\"} 5",
             "edgewise_summaries_total{outcome=\"duplicate\"} 2",
             "edgewise_summaries_total{outcome=\"revised\"} 1",
+            "edgewise_latest_values_total{outcome=\"stored\"} 3",
+            "edgewise_latest_values_total{outcome=\"ignored\"} 4",
             "edgewise_ingest_rejected_batches_total{reason=\"unauthorized\"} 1",
             "edgewise_ingest_rejected_batches_total{reason=\"forbidden\"} 0",
             "edgewise_ingest_rejected_batches_total{reason=\"malformed\"} 0",

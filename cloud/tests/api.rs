@@ -6,8 +6,8 @@ mod common;
 
 use common::{Backend, Harness, answer, batch, summary, windows};
 use edgewise_cloud::RateLimit;
-use edgewise_cloud::{DeviceInfo, IngestOutcome, MetricsSnapshot, ServerConfig};
-use edgewise_protocol::{Batch, Gap, Quantiles, Score};
+use edgewise_cloud::{DeviceInfo, IngestOutcome, MetricsSnapshot, ServerConfig, StoredLatest};
+use edgewise_protocol::{Batch, Gap, LatestValue, Quantiles, Score, StateValue};
 use reqwest::StatusCode;
 
 const STREAM: &str = "node-1/temperature";
@@ -318,6 +318,8 @@ async fn metrics_count_every_outcome(b: Backend) {
         summaries_inserted: 3,
         summaries_duplicate: 2,
         summaries_revised: 1,
+        latest_stored: 0,
+        latest_ignored: 0,
         rejected_unauthorized: 1,
         rejected_forbidden: 1,
         rejected_malformed: 1,
@@ -589,6 +591,9 @@ on_both_backends!(
     a_foreign_or_invalid_gap_refuses_the_batch,
     quantiles_are_stored_served_and_replaced_by_revisions,
     pages_follow_the_next_cursor_header_to_the_end,
+    latest_values_are_stored_newest_wins_and_served_as_json,
+    invalid_or_too_many_latest_values_are_400_and_nothing_is_stored,
+    latest_query_pages_and_rejects_bad_parameters,
 );
 
 async fn rate_limited_device_gets_429_with_retry_after(b: Backend) {
@@ -715,6 +720,7 @@ async fn openapi_document_lists_exactly_the_routes_served(b: Backend) {
         ("get", "/v1/alerts"),
         ("get", "/v1/devices"),
         ("get", "/v1/gaps"),
+        ("get", "/v1/latest"),
         ("get", "/v1/summaries"),
         ("post", "/v1/ingest"),
     ];
@@ -735,6 +741,7 @@ async fn openapi_document_lists_exactly_the_routes_served(b: Backend) {
     for name in [
         "StoredSummary",
         "StoredGap",
+        "StoredLatest",
         "QuantilesJson",
         "DeviceInfo",
         "IngestOutcome",
@@ -745,5 +752,258 @@ async fn openapi_document_lists_exactly_the_routes_served(b: Backend) {
     assert_eq!(
         doc["components"]["securitySchemes"]["device_token"]["scheme"],
         "bearer"
+    );
+}
+
+fn latest(stream: &str, time_ms: i64, value: StateValue) -> LatestValue {
+    LatestValue {
+        stream: stream.to_owned(),
+        time_ms,
+        value,
+    }
+}
+
+fn text(s: &str) -> StateValue {
+    StateValue::Text(s.to_owned())
+}
+
+/// The CBOR body of a batch from `agent` with `summaries` and `latest` values.
+fn batch_with_latest(
+    agent: &str,
+    summaries: Vec<edgewise_protocol::WindowSummary>,
+    latest: Vec<LatestValue>,
+) -> Vec<u8> {
+    let mut b = Batch::new(agent.to_owned(), 1_700_000_100_000, summaries);
+    b.latest = latest;
+    b.to_cbor()
+}
+
+/// `GET /v1/latest?<query>`, which must answer 200.
+async fn latest_values(h: &Harness, query: &str) -> Vec<StoredLatest> {
+    let a = h.get(&format!("/v1/latest?{query}")).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    serde_json::from_str(&a.body).expect("latest values JSON")
+}
+
+async fn latest_values_are_stored_newest_wins_and_served_as_json(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
+    let t2 = h.add_device("gw-2").await;
+    const T: i64 = 1_700_000_000_000;
+    let first = vec![
+        latest("n1/door", T, text("open")),
+        latest("n1/alarm", T, StateValue::Bool(true)),
+        latest("n1/fw", T, StateValue::Data(vec![0xfb, 0xff, 0x01])),
+        latest("n1/door", T - 1, text("closed")), // older, in the same batch
+    ];
+    let a = h
+        .post_ingest(
+            Some(&token),
+            batch_with_latest("gw-1", windows("gw-1", STREAM, 1), first),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let out = parse_outcome(&a.body);
+    assert_eq!(
+        (out.inserted, out.latest_stored, out.latest_ignored),
+        (1, 3, 1)
+    );
+    let a = h
+        .post_ingest(
+            Some(&t2),
+            batch_with_latest("gw-2", vec![], vec![latest("n1/door", T, text("shut"))]),
+        )
+        .await;
+    assert_eq!(parse_outcome(&a.body).latest_stored, 1);
+
+    // The JSON: text as a string, bool as a boolean, data as base64url; by device, then stream.
+    let raw = h.get("/v1/latest?device=gw-1").await;
+    assert_eq!(raw.status, StatusCode::OK, "{}", raw.body);
+    let raw = raw.json();
+    let rows = raw.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let strip = |mut v: serde_json::Value| {
+        assert!(v["received_at_ms"].as_i64().unwrap() > T - 86_400_000);
+        v.as_object_mut().unwrap().remove("received_at_ms");
+        v
+    };
+    assert_eq!(
+        strip(rows[0].clone()),
+        serde_json::json!({"device_id": "gw-1", "stream": "n1/alarm", "time_ms": T,
+                           "kind": "bool", "value": true})
+    );
+    assert_eq!(
+        strip(rows[1].clone()),
+        serde_json::json!({"device_id": "gw-1", "stream": "n1/door", "time_ms": T,
+                           "kind": "text", "value": "open"})
+    );
+    assert_eq!(
+        strip(rows[2].clone()),
+        serde_json::json!({"device_id": "gw-1", "stream": "n1/fw", "time_ms": T,
+                           "kind": "data", "value": "-_8B"})
+    );
+
+    // Re-sent and older values change nothing; a newer one replaces the value.
+    let resend = vec![
+        latest("n1/door", T, text("open")),
+        latest("n1/fw", T - 5, StateValue::Data(vec![9])),
+    ];
+    let a = h
+        .post_ingest(Some(&token), batch_with_latest("gw-1", vec![], resend))
+        .await;
+    let out = parse_outcome(&a.body);
+    assert_eq!((out.latest_stored, out.latest_ignored), (0, 2));
+    let a = h
+        .post_ingest(
+            Some(&token),
+            batch_with_latest(
+                "gw-1",
+                vec![],
+                vec![latest("n1/door", T + 1, text("closed"))],
+            ),
+        )
+        .await;
+    assert_eq!(parse_outcome(&a.body).latest_stored, 1);
+
+    let door = latest_values(&h, "stream=n1%2Fdoor").await;
+    let got: Vec<_> = door
+        .iter()
+        .map(|r| (r.device_id.as_str(), r.time_ms, &r.value))
+        .collect();
+    assert_eq!(
+        got,
+        [("gw-1", T + 1, &text("closed")), ("gw-2", T, &text("shut")),]
+    );
+    let fw = latest_values(&h, "device=gw-1&stream=n1%2Ffw").await;
+    assert_eq!(fw[0].value, StateValue::Data(vec![0xfb, 0xff, 0x01]));
+    assert_eq!(latest_values(&h, "").await.len(), 4);
+
+    let m = h.receiver.metrics().snapshot();
+    assert_eq!((m.latest_stored, m.latest_ignored), (5, 3));
+    let text = h.get("/metrics").await.body;
+    for line in [
+        "edgewise_latest_values_total{outcome=\"stored\"} 5",
+        "edgewise_latest_values_total{outcome=\"ignored\"} 3",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+async fn invalid_or_too_many_latest_values_are_400_and_nothing_is_stored(b: Backend) {
+    let h = Harness::start(b).await;
+    let token = h.add_device("gw-1").await;
+    let ok = latest("n1/door", 1, text("open"));
+
+    let too_long = latest("n1/fw", 1, StateValue::Data(vec![0; 1025]));
+    let a = h
+        .post_ingest(
+            Some(&token),
+            batch_with_latest(
+                "gw-1",
+                windows("gw-1", STREAM, 2),
+                vec![ok.clone(), too_long],
+            ),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    let msg = a.error();
+    assert!(
+        msg.contains("latest value 1") && msg.contains("longer than 1024 bytes"),
+        "{msg}"
+    );
+
+    let no_stream = latest("", 1, StateValue::Bool(false));
+    let a = h
+        .post_ingest(
+            Some(&token),
+            batch_with_latest("gw-1", vec![], vec![no_stream]),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert_eq!(a.error(), "latest value 0 is invalid: stream is empty");
+
+    let many: Vec<_> = (0..1_001)
+        .map(|i| latest(&format!("n{i}/door"), 1, StateValue::Bool(true)))
+        .collect();
+    let a = h
+        .post_ingest(Some(&token), batch_with_latest("gw-1", vec![], many))
+        .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST, "{}", a.body);
+    assert!(a.error().contains("at most 1000"), "{}", a.body);
+
+    assert!(h.summaries("").await.is_empty());
+    assert!(latest_values(&h, "").await.is_empty());
+    assert_eq!(h.receiver.metrics().snapshot().rejected_invalid, 3);
+
+    // 1,000 is accepted.
+    let full: Vec<_> = (0..1_000)
+        .map(|i| latest(&format!("n{i}/door"), 1, StateValue::Bool(true)))
+        .collect();
+    let a = h
+        .post_ingest(Some(&token), batch_with_latest("gw-1", vec![], full))
+        .await;
+    assert_eq!(parse_outcome(&a.body).latest_stored, 1_000);
+}
+
+async fn latest_query_pages_and_rejects_bad_parameters(b: Backend) {
+    let h = Harness::start(b).await;
+    for device in ["gw-1", "gw.2"] {
+        let token = h.add_device(device).await;
+        let values = (0..5)
+            .map(|i| latest(&format!("n{i}/state"), 1, text("on")))
+            .collect();
+        let a = h
+            .post_ingest(Some(&token), batch_with_latest(device, vec![], values))
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    }
+    let mut got = Vec::new();
+    let mut url = "/v1/latest?limit=4".to_owned();
+    let mut pages = 0;
+    loop {
+        let a = h.get(&url).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        let rows: Vec<StoredLatest> = serde_json::from_str(&a.body).unwrap();
+        got.extend(
+            rows.into_iter()
+                .map(|r| format!("{}:{}", r.device_id, r.stream)),
+        );
+        pages += 1;
+        match a.headers.get("next-cursor") {
+            Some(c) => url = format!("/v1/latest?limit=4&after={}", c.to_str().unwrap()),
+            None => break,
+        }
+    }
+    // 10 rows in pages of 4: the third page is not full, so it ends the walk.
+    assert_eq!(pages, 3);
+    let mut expected: Vec<String> = ["gw-1", "gw.2"]
+        .iter()
+        .flat_map(|d| (0..5).map(move |i| format!("{d}:n{i}/state")))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
+
+    for query in [
+        "limit=0",
+        "limit=10001",
+        "limit=x",
+        "after=nonsense",
+        "after=zz.00",
+        "from=1",
+        "colour=red",
+    ] {
+        let a = h.get(&format!("/v1/latest?{query}")).await;
+        assert_eq!(a.status, StatusCode::BAD_REQUEST, "{query}: {}", a.body);
+        assert!(!a.error().is_empty(), "{query}");
+    }
+    // Empty values mean "not given".
+    assert_eq!(
+        latest_values(&h, "device=&stream=&limit=&after=")
+            .await
+            .len(),
+        10
     );
 }

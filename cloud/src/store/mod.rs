@@ -1,8 +1,10 @@
-//! Storage of devices, window summaries (with their anomaly scores) and gap records.
+//! Storage of devices, window summaries (with their anomaly scores), gap records and the latest
+//! text/boolean/data value of each stream.
 //!
 //! Two backends share the types, the checks and the SQL shape defined here:
 //! - [`sqlite`]: [`Store`], one file, zero setup: the default and the embedded choice.
 //! - [`postgres`]: [`PgStore`], for many stateless receivers on one database.
+//! - [`latest`]: what both share for latest values (checks, query, JSON shape, SQL).
 //!
 //! [`Storage`] is the one interface the HTTP layer uses; [`AnyStore`] picks a backend at run
 //! time (the binary, and the tests that run one suite over both).
@@ -13,10 +15,13 @@
 //!   received. An equal or lower revision changes nothing and counts as a duplicate; a higher one
 //!   replaces the row (exactly-once storage over at-least-once delivery).
 //! - At most one gap row per `(device_id, seq)`; a re-sent gap is a duplicate.
+//! - At most one latest value per `(device_id, stream)`: the one with the greatest `time_ms`; an
+//!   older or re-sent value changes nothing and counts as ignored (see [`latest`]).
 //! - A batch is stored all or nothing, in one transaction (on SQLite, possibly together with
 //!   other batches, each in its own savepoint: see [`sqlite::writer`]). It is durable when
 //!   `ingest` returns `Ok`.
-//! - Every stored record passed [`check_batch`]: valid, and the writing device's own.
+//! - Every stored record passed [`check_batch`] (latest values: [`CheckedBatch::with_latest`]):
+//!   valid, and the writing device's own.
 //! - Only SHA-256 hashes of device tokens are stored.
 //!
 //! The SQL is plain: `INSERT .. ON CONFLICT .. DO UPDATE .. WHERE`, row-value comparisons for
@@ -25,12 +30,14 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use edgewise_protocol::{Gap, Quantiles, Score, WindowSummary};
+use edgewise_protocol::{Gap, LatestValue, Quantiles, Score, WindowSummary};
 use serde::{Deserialize, Serialize};
 
+pub mod latest;
 pub mod postgres;
 pub mod sqlite;
 
+pub use latest::{LatestQuery, MAX_LATEST_PER_BATCH, StoredLatest};
 pub use postgres::{PgConfig, PgStore};
 pub use sqlite::Store;
 
@@ -93,6 +100,8 @@ pub enum StoreError {
     },
     #[error("gap {index} is invalid: {reason}")]
     InvalidGap { index: usize, reason: String },
+    #[error("latest value {index} is invalid: {reason}")]
+    InvalidLatest { index: usize, reason: String },
     #[error("a stored value is out of range: {0}")]
     Corrupt(String),
 }
@@ -112,6 +121,12 @@ pub struct IngestOutcome {
     /// Gap records already stored (same device and seq).
     #[serde(default)]
     pub gaps_duplicate: u64,
+    /// Latest values stored: the stream's first, or newer than the one stored.
+    #[serde(default)]
+    pub latest_stored: u64,
+    /// Latest values not newer than the one stored or another in the batch (nothing changed).
+    #[serde(default)]
+    pub latest_ignored: u64,
 }
 
 /// Filter for [`Store::summaries`]: `window_start_ms` in `[from_ms, to_ms)`, ordered by window
@@ -406,6 +421,10 @@ pub trait Storage: Clone + Send + Sync + 'static {
         &self,
         query: GapQuery,
     ) -> impl Future<Output = Result<Vec<StoredGap>, StoreError>> + Send;
+    fn find_latest(
+        &self,
+        query: LatestQuery,
+    ) -> impl Future<Output = Result<Vec<StoredLatest>, StoreError>> + Send;
     fn list_devices(&self) -> impl Future<Output = Result<Vec<DeviceInfo>, StoreError>> + Send;
     /// Registers a device; answers its token (shown once, stored hashed).
     fn register_device(
@@ -454,6 +473,10 @@ impl Storage for Store {
         let s = self.clone();
         blocking(move || s.gaps(&query)).await
     }
+    async fn find_latest(&self, query: LatestQuery) -> Result<Vec<StoredLatest>, StoreError> {
+        let s = self.clone();
+        blocking(move || s.latest(&query)).await
+    }
     async fn list_devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
         let s = self.clone();
         blocking(move || s.devices()).await
@@ -489,6 +512,9 @@ impl Storage for PgStore {
     }
     async fn find_gaps(&self, query: GapQuery) -> Result<Vec<StoredGap>, StoreError> {
         self.gaps(&query).await
+    }
+    async fn find_latest(&self, query: LatestQuery) -> Result<Vec<StoredLatest>, StoreError> {
+        self.latest(&query).await
     }
     async fn list_devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
         self.devices().await
@@ -579,6 +605,9 @@ impl Storage for AnyStore {
     }
     async fn find_gaps(&self, query: GapQuery) -> Result<Vec<StoredGap>, StoreError> {
         dispatch!(self, s => s.find_gaps(query))
+    }
+    async fn find_latest(&self, query: LatestQuery) -> Result<Vec<StoredLatest>, StoreError> {
+        dispatch!(self, s => s.find_latest(query))
     }
     async fn list_devices(&self) -> Result<Vec<DeviceInfo>, StoreError> {
         dispatch!(self, s => s.list_devices())
@@ -683,7 +712,9 @@ pub(crate) fn check_device_id(id: &str) -> Result<(), StoreError> {
 }
 
 /// A batch that passed [`check_batch`], ready to store: its summaries deduplicated (only the
-/// highest revision of each window is kept) and sorted by `(stream, window_start_ms)`.
+/// highest revision of each window is kept) and sorted by `(stream, window_start_ms)`; with
+/// [`CheckedBatch::with_latest`], its latest values, valid and only the newest of each stream,
+/// sorted by stream.
 ///
 /// Backends take only this type, so the checks and the deduplication run once per batch,
 /// before any database lock or connection is taken. The sort order is the
@@ -695,6 +726,8 @@ pub struct CheckedBatch {
     summaries: Vec<WindowSummary>,
     gaps: Vec<Gap>,
     in_batch_duplicates: u64,
+    latest: Vec<LatestValue>,
+    in_batch_ignored_latest: u64,
 }
 
 impl CheckedBatch {
@@ -720,7 +753,29 @@ impl CheckedBatch {
             in_batch_duplicates: (received - summaries.len()) as u64,
             summaries,
             gaps,
+            latest: Vec::new(),
+            in_batch_ignored_latest: 0,
         })
+    }
+
+    /// Adds the batch's latest values: each must be valid ([`LatestValue::validate`]), at most
+    /// [`MAX_LATEST_PER_BATCH`]; only the newest of each stream is kept.
+    pub fn with_latest(mut self, latest: Vec<LatestValue>) -> Result<CheckedBatch, StoreError> {
+        let (kept, ignored) = latest::newest_per_stream(latest)?;
+        self.latest = kept;
+        self.in_batch_ignored_latest = ignored;
+        Ok(self)
+    }
+
+    /// The newest latest value of each stream in the batch, by stream.
+    pub fn latest(&self) -> &[LatestValue] {
+        &self.latest
+    }
+
+    /// Latest values dropped for a newer (or equal) one of the same stream in the batch itself:
+    /// counted as ignored.
+    pub fn in_batch_ignored_latest(&self) -> u64 {
+        self.in_batch_ignored_latest
     }
 
     /// The device writing the batch (every record is its own).

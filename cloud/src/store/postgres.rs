@@ -3,7 +3,7 @@
 //!
 //! Migrations: the same versions as SQLite (v1 devices and summaries, v2 scores and gaps, v3
 //! quantiles, v4 a partial alerts index; here v4 also drops the per-row foreign key from
-//! summaries to devices, see its comment; v5 drops the unread `summary_id` column), applied at start inside one transaction per version
+//! summaries to devices, see its comment; v5 drops the unread `summary_id` column; v6 latest values), applied at start inside one transaction per version
 //! that first takes `LOCK TABLE schema_migrations`, so replicas starting together apply each
 //! version once.
 //!
@@ -18,6 +18,8 @@
 //!    .. WHERE stored.revision < new.revision`: the rows it affects are revisions (a row that
 //!    step 2 has just inserted has the same revision, so it is not touched), and the rest are
 //!    duplicates.
+//! 4. Gap records, then the batch's latest values: one `INSERT .. SELECT .. FROM UNNEST(..) ON
+//!    CONFLICT DO UPDATE .. WHERE stored.time_ms < new.time_ms` (see [`crate::store::latest`]).
 //!
 //! So the sum of `inserted` over every replica equals the number of distinct windows stored,
 //! whatever the retries and overlaps: `tests/replicas.rs` checks exactly that.
@@ -41,6 +43,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::latest::{
+    LatestQuery, StoredLatest, UPSERT_NEWER, ValueColumns, latest_sql, value_from_columns,
+};
 use super::sqlite::{
     Arg, DEVICES_SQL, ROW_COLUMNS, gap_from_parts, gap_sql, streams_json, summary_sql,
 };
@@ -114,6 +119,19 @@ const MIGRATIONS: &[&str] = &[
     // v5 (as on SQLite): no `summary_id` column. It is derived from the key and the revision,
     // never read (the API computes the id), and it was a sixth of each row's bytes.
     "ALTER TABLE summaries DROP COLUMN summary_id;",
+    // v6: the latest text, boolean or data value of each stream (see store::latest); the one
+    // value column its kind names is set, the others are NULL.
+    "CREATE TABLE latest_values (
+         device_id      TEXT NOT NULL REFERENCES devices(id),
+         stream         TEXT NOT NULL,
+         time_ms        BIGINT NOT NULL,
+         kind           TEXT NOT NULL CHECK (kind IN ('text', 'bool', 'data')),
+         value_text     TEXT,
+         value_bool     BOOLEAN,
+         value_bytes    BYTEA,
+         received_at_ms BIGINT NOT NULL,
+         PRIMARY KEY (device_id, stream)
+     );",
 ];
 
 /// The number of schema versions this build knows.
@@ -471,6 +489,7 @@ impl PgStore {
                 outcome.gaps_duplicate += 1;
             }
         }
+        store_latest(&tx, batch, received_at_ms, &mut outcome).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -500,6 +519,25 @@ impl PgStore {
                     r.try_get(7)?,
                     r.try_get(8)?,
                 )
+            })
+            .collect()
+    }
+
+    /// Stored latest values matching `q`, by device then stream.
+    pub async fn latest(&self, q: &LatestQuery) -> Result<Vec<StoredLatest>, StoreError> {
+        let (sql, args) = latest_sql(q, |n| format!("${n}"));
+        let client = self.client().await?;
+        let rows = client.query(&sql, &sql_args(&args)).await?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get(3)?;
+                Ok(StoredLatest {
+                    device_id: r.try_get(0)?,
+                    stream: r.try_get(1)?,
+                    time_ms: r.try_get(2)?,
+                    value: value_from_columns(&kind, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?)?,
+                    received_at_ms: r.try_get(7)?,
+                })
             })
             .collect()
     }
@@ -674,6 +712,60 @@ static REVISE_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The batch's latest values, in one statement: each replaces the stored value of its stream
+/// only if its `time_ms` is newer. `$1` device id, `$2` received at, then one array per column.
+static UPSERT_LATEST_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO latest_values (device_id, received_at_ms, stream, time_ms, kind, value_text,
+                                    value_bool, value_bytes)
+         SELECT $1::text, $2::bigint, * FROM UNNEST($3::text[], $4::bigint[], $5::text[],
+                                                    $6::text[], $7::boolean[], $8::bytea[])
+         {UPSERT_NEWER}"
+    )
+});
+
+/// Stores the batch's latest values in its transaction `tx`, counting each as stored or
+/// ignored. The batch holds at most one value per stream, so no row is touched twice.
+async fn store_latest(
+    tx: &deadpool_postgres::Transaction<'_>,
+    batch: &CheckedBatch,
+    received_at_ms: i64,
+    outcome: &mut IngestOutcome,
+) -> Result<(), StoreError> {
+    outcome.latest_ignored += batch.in_batch_ignored_latest();
+    let latest = batch.latest();
+    if latest.is_empty() {
+        return Ok(());
+    }
+    let columns: Vec<ValueColumns<'_>> =
+        latest.iter().map(|v| ValueColumns::of(&v.value)).collect();
+    let stream: Vec<&str> = latest.iter().map(|v| v.stream.as_str()).collect();
+    let time_ms: Vec<i64> = latest.iter().map(|v| v.time_ms).collect();
+    let kind: Vec<&str> = columns.iter().map(|c| c.kind).collect();
+    let text: Vec<Option<&str>> = columns.iter().map(|c| c.text).collect();
+    let flag: Vec<Option<bool>> = columns.iter().map(|c| c.flag).collect();
+    let bytes: Vec<Option<&[u8]>> = columns.iter().map(|c| c.bytes).collect();
+    let upsert = tx.prepare_cached(&UPSERT_LATEST_SQL).await?;
+    let stored = tx
+        .execute(
+            &upsert,
+            &[
+                &batch.device_id(),
+                &received_at_ms,
+                &stream,
+                &time_ms,
+                &kind,
+                &text,
+                &flag,
+                &bytes,
+            ],
+        )
+        .await?;
+    outcome.latest_stored += stored;
+    outcome.latest_ignored += (latest.len() as u64).saturating_sub(stored);
+    Ok(())
+}
+
 fn sql_args(args: &[Arg]) -> Vec<&(dyn ToSql + Sync)> {
     args.iter()
         .map(|a| match a {
@@ -750,5 +842,220 @@ mod tests {
         assert!(!REVISE_SQL.contains("stream = EXCLUDED"));
         assert!(!REVISE_SQL.contains("window_start_ms = EXCLUDED"));
         assert!(REVISE_SQL.ends_with("WHERE summaries.revision < EXCLUDED.revision"));
+    }
+}
+
+/// Against a real server: run only when `EDGEWISE_TEST_PG_URL` names one (each test creates its
+/// own database and drops it at the end); otherwise they pass without doing anything.
+#[cfg(test)]
+mod server_tests {
+    use edgewise_protocol::{LatestValue, StateValue};
+
+    use super::*;
+    use crate::store::GapQuery;
+
+    /// A new, empty database and a client of the server's default database to drop it with.
+    async fn fresh_db(test: &str) -> Option<(tokio_postgres::Config, tokio_postgres::Client)> {
+        let Some(url) = std::env::var("EDGEWISE_TEST_PG_URL")
+            .ok()
+            .filter(|s| !s.is_empty())
+        else {
+            eprintln!("EDGEWISE_TEST_PG_URL is not set: skipped");
+            return None;
+        };
+        let admin: tokio_postgres::Config = url.parse().unwrap();
+        let (client, conn) = admin.connect(NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let name = format!("ew_unit_{test}_{}", std::process::id());
+        // One statement per call: DROP/CREATE DATABASE refuse to run in a multi-statement query.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            client.batch_execute(&sql).await.unwrap();
+        }
+        let mut config = admin;
+        config.dbname(&name);
+        Some((config, client))
+    }
+
+    async fn drop_db(config: &tokio_postgres::Config, admin: &tokio_postgres::Client) {
+        let name = config.get_dbname().unwrap_or_default();
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
+
+    fn text(stream: &str, time_ms: i64, s: &str) -> LatestValue {
+        LatestValue {
+            stream: stream.to_owned(),
+            time_ms,
+            value: StateValue::Text(s.to_owned()),
+        }
+    }
+
+    /// Stores `values` as one batch of `device`; answers (stored, ignored).
+    async fn store(store: &PgStore, device: &str, values: &[LatestValue]) -> (u64, u64) {
+        let batch = CheckedBatch::new(device.to_owned(), vec![], vec![])
+            .and_then(|b| b.with_latest(values.to_vec()))
+            .unwrap();
+        let out = store.store_checked(&batch).await.unwrap();
+        (out.latest_stored, out.latest_ignored)
+    }
+
+    async fn rows(store: &PgStore) -> Vec<(String, String, i64, StateValue)> {
+        store
+            .latest(&LatestQuery::default())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.device_id, r.stream, r.time_ms, r.value))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn latest_values_newest_wins_and_older_or_re_sent_ones_change_nothing() {
+        let Some((config, admin)) = fresh_db("latest").await else {
+            return;
+        };
+        let pg = PgStore::connect_with(config.clone(), &PgConfig::default())
+            .await
+            .unwrap();
+        pg.add_device("gw-1").await.unwrap();
+        let first = [
+            text("n1/door", 1_000, "open"),
+            LatestValue {
+                stream: "n1/fw".to_owned(),
+                time_ms: 1_000,
+                value: StateValue::Data(vec![0, 1, 2]),
+            },
+            LatestValue {
+                stream: "n1/alarm".to_owned(),
+                time_ms: 1_000,
+                value: StateValue::Bool(true),
+            },
+            LatestValue {
+                stream: "n1/empty".to_owned(),
+                time_ms: 1_000,
+                value: StateValue::Data(Vec::new()),
+            },
+        ];
+        assert_eq!(store(&pg, "gw-1", &first).await, (4, 0));
+        let row = |s: &str, t, v| ("gw-1".to_owned(), s.to_owned(), t, v);
+        assert_eq!(
+            rows(&pg).await,
+            [
+                row("n1/alarm", 1_000, StateValue::Bool(true)),
+                row("n1/door", 1_000, StateValue::Text("open".to_owned())),
+                row("n1/empty", 1_000, StateValue::Data(Vec::new())),
+                row("n1/fw", 1_000, StateValue::Data(vec![0, 1, 2])),
+            ]
+        );
+        // Re-sent, same time with another value, older: all ignored, in the batch or the store.
+        let stale = [
+            text("n1/door", 1_000, "open"),
+            text("n1/door", 1_000, "closed"),
+            text("n1/door", 999, "closed"),
+        ];
+        assert_eq!(store(&pg, "gw-1", &stale).await, (0, 3));
+        assert_eq!(store(&pg, "gw-1", &stale[..1]).await, (0, 1));
+        // Newer: replaces, even with another kind; the rest of the batch is ignored.
+        let newer = [
+            text("n1/door", 2_000, "closed"),
+            text("n1/fw", 999, "old"),
+            LatestValue {
+                stream: "n1/alarm".to_owned(),
+                time_ms: 1_001,
+                value: StateValue::Text("silenced".to_owned()),
+            },
+        ];
+        assert_eq!(store(&pg, "gw-1", &newer).await, (2, 1));
+        let now = rows(&pg).await;
+        assert_eq!(
+            now[0],
+            row("n1/alarm", 1_001, StateValue::Text("silenced".to_owned()))
+        );
+        assert_eq!(
+            now[1],
+            row("n1/door", 2_000, StateValue::Text("closed".to_owned()))
+        );
+        assert_eq!(now[3], row("n1/fw", 1_000, StateValue::Data(vec![0, 1, 2])));
+        // Paging after a row, and a filter by stream.
+        let after = pg
+            .latest(&LatestQuery {
+                after: Some(("gw-1".to_owned(), "n1/empty".to_owned())),
+                ..LatestQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].stream, "n1/fw");
+        let door = pg
+            .latest(&LatestQuery {
+                stream: Some("n1/door".to_owned()),
+                ..LatestQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(door.len(), 1);
+        drop(pg);
+        drop_db(&config, &admin).await;
+    }
+
+    #[tokio::test]
+    async fn a_v4_database_gains_latest_values_and_keeps_its_data() {
+        let Some((config, admin)) = fresh_db("v4").await else {
+            return;
+        };
+        {
+            let (client, conn) = config.connect(NoTls).await.unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(
+                    "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY NOT NULL,
+                                                     applied_at_ms BIGINT NOT NULL);
+                     INSERT INTO schema_migrations VALUES (1, 0), (2, 0), (3, 0), (4, 0);",
+                )
+                .await
+                .unwrap();
+            for sql in &MIGRATIONS[..4] {
+                client.batch_execute(sql).await.unwrap();
+            }
+            client
+                .batch_execute(
+                    "INSERT INTO devices (id, token_hash, created_at_ms) VALUES ('gw-1', 'h', 0);
+                     INSERT INTO gaps VALUES ('gw-1', 1, '[\"n1/temp\"]', 0, 10000, 7,
+                         'buffer_full', 10001, 1);
+                     INSERT INTO summaries (device_id, stream, window_start_ms, window_end_ms,
+                         revision, count, min, max, mean, stddev, first_value, first_time_ms,
+                         last_value, last_time_ms, unit, summary_id, received_at_ms, score_value,
+                         score_alert, score_model, q_p50, q_p90, q_p99, q_relative_error)
+                     VALUES ('gw-1', 's', 0, 10000, 0, 3, 20, 22, 21, 0.8, 20, 500, 22, 9500,
+                         'Cel', 'x', 1, 0.9, 1, 'm@1', 21, 22, 22, 0.01);",
+                )
+                .await
+                .unwrap();
+        }
+        let pg = PgStore::connect_with(config.clone(), &PgConfig::default())
+            .await
+            .unwrap();
+        assert_eq!(pg.schema_version().await.unwrap(), SCHEMA_VERSION);
+        let summaries = pg.summary_page(&SummaryFilter::default()).await.unwrap();
+        assert_eq!(summaries.len(), 1);
+        let s = &summaries[0].summary;
+        assert_eq!((s.count, s.mean, s.unit.as_deref()), (3, 21.0, Some("Cel")));
+        assert_eq!(s.score.as_ref().map(|x| x.alert), Some(true));
+        assert_eq!(s.quantiles.as_ref().map(|q| q.p90), Some(22.0));
+        let gaps = pg.gaps(&GapQuery::default()).await.unwrap();
+        assert_eq!((gaps.len(), gaps[0].count), (1, 7));
+        assert!(rows(&pg).await.is_empty());
+        assert_eq!(
+            store(&pg, "gw-1", &[text("n1/door", 1, "open")]).await,
+            (1, 0)
+        );
+        assert_eq!(rows(&pg).await.len(), 1);
+        drop(pg);
+        drop_db(&config, &admin).await;
     }
 }

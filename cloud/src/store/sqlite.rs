@@ -3,13 +3,14 @@
 //! WAL journal, `synchronous=NORMAL`, statement journals in memory, a 5 s busy timeout. The
 //! schema is created by versioned migrations recorded in `schema_migrations` (v1 devices and
 //! summaries; v2 scores and gaps; v3 quantiles; v4 a partial alerts index; v5 summaries in
-//! arrival order with the window key as a unique index); a file written by a newer build is
-//! refused rather than guessed at.
+//! arrival order with the window key as a unique index; v6 latest values); a file written by a
+//! newer build is refused rather than guessed at.
 //!
 //! The invariants are the module's ([`crate::store`]): one row per window at its highest
-//! revision, one row per `(device, gap seq)`, a batch all or nothing, durable (WAL +
-//! `synchronous=NORMAL`: survives a process crash; on power loss the commits since the last
-//! checkpoint may roll back) when `ingest` returns `Ok`.
+//! revision, one row per `(device, gap seq)`, one latest value per `(device, stream)` at its
+//! newest `time_ms`, a batch all or nothing, durable (WAL + `synchronous=NORMAL`: survives a
+//! process crash; on power loss the commits since the last checkpoint may roll back) when
+//! `ingest` returns `Ok`.
 //!
 //! Batches are written by [`writer`]: one thread with its own connection commits the batches
 //! that arrive together in one transaction (each in its own savepoint), and another copies the
@@ -32,6 +33,9 @@ use edgewise_protocol::{Gap, Quantiles, Score, WindowSummary};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use super::latest::{
+    LatestQuery, StoredLatest, UPSERT_NEWER, ValueColumns, latest_sql, value_from_columns,
+};
 use super::{
     CheckedBatch, DeviceInfo, GapQuery, IngestOutcome, MAX_QUERY_LIMIT, StoreError, StoredGap,
     StoredSummary, SummaryFilter, SummaryQuery, check_device_id, now_ms,
@@ -142,6 +146,19 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX summaries_key ON summaries (device_id, stream, window_start_ms);
      CREATE INDEX summaries_by_window_start ON summaries (window_start_ms);
      CREATE INDEX summaries_alerts ON summaries (window_start_ms) WHERE score_alert = 1;",
+    // v6: the latest text, boolean or data value of each stream (see store::latest); the one
+    // value column its kind names is set, the others are NULL.
+    "CREATE TABLE latest_values (
+         device_id      TEXT NOT NULL REFERENCES devices(id),
+         stream         TEXT NOT NULL,
+         time_ms        INTEGER NOT NULL,
+         kind           TEXT NOT NULL CHECK (kind IN ('text', 'bool', 'data')),
+         value_text     TEXT,
+         value_bool     INTEGER,
+         value_bytes    BLOB,
+         received_at_ms INTEGER NOT NULL,
+         PRIMARY KEY (device_id, stream)
+     ) WITHOUT ROWID;",
 ];
 
 /// The number of schema versions this build knows.
@@ -473,30 +490,51 @@ impl Store {
 
     /// Stored gap records matching `q`, by device then seq.
     pub fn gaps(&self, q: &GapQuery) -> Result<Vec<StoredGap>, StoreError> {
-        let (sql, args) = gap_sql(q, |_| "?".to_owned());
+        self.rows(gap_sql(q, |_| "?".to_owned()), |row| {
+            let streams: String = row.get(2)?;
+            gap_from_parts(
+                row.get(0)?,
+                row.get(1)?,
+                &streams,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+                row.get(7)?,
+                row.get(8)?,
+            )
+        })
+    }
+
+    /// Stored latest values matching `q`, by device then stream.
+    pub fn latest(&self, q: &LatestQuery) -> Result<Vec<StoredLatest>, StoreError> {
+        self.rows(latest_sql(q, |_| "?".to_owned()), |row| {
+            let kind: String = row.get(3)?;
+            Ok(StoredLatest {
+                device_id: row.get(0)?,
+                stream: row.get(1)?,
+                time_ms: row.get(2)?,
+                value: value_from_columns(&kind, row.get(4)?, row.get(5)?, row.get(6)?)?,
+                received_at_ms: row.get(7)?,
+            })
+        })
+    }
+
+    /// Runs a query from one of the shared `*_sql` builders, reading each row with `read`.
+    fn rows<T>(
+        &self,
+        (sql, args): (String, Vec<Arg>),
+        read: impl Fn(&Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         let args: Vec<Value> = args.into_iter().map(Value::from).collect();
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(rusqlite::params_from_iter(args), |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, i64>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, i64>(3)?,
-                row.get::<_, i64>(4)?,
-                row.get::<_, i64>(5)?,
-                row.get::<_, String>(6)?,
-                row.get::<_, i64>(7)?,
-                row.get::<_, i64>(8)?,
-            ))
-        })?;
-        rows.map(|r| {
-            let (device_id, seq, streams, from_ms, to_ms, count, reason, recorded, received) = r?;
-            gap_from_parts(
-                device_id, seq, &streams, from_ms, to_ms, count, reason, recorded, received,
-            )
-        })
-        .collect()
+        let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
+        let mut found = Vec::new();
+        while let Some(row) = rows.next()? {
+            found.push(read(row)?);
+        }
+        Ok(found)
     }
 
     /// Every registered device with its counts, by id.
@@ -599,7 +637,46 @@ pub(crate) fn write_batch(
             }
         }
     }
+    store_latest(conn, batch, received_at_ms, &mut outcome)?;
     Ok(outcome)
+}
+
+/// Stores the batch's latest values in the caller's transaction: each replaces the stored value of
+/// its stream only if its `time_ms` is newer, and counts as stored or ignored.
+fn store_latest(
+    conn: &Connection,
+    batch: &CheckedBatch,
+    received_at_ms: i64,
+    outcome: &mut IngestOutcome,
+) -> Result<(), StoreError> {
+    outcome.latest_ignored += batch.in_batch_ignored_latest();
+    if batch.latest().is_empty() {
+        return Ok(());
+    }
+    let mut upsert = conn.prepare_cached(&format!(
+        "INSERT INTO latest_values (device_id, stream, time_ms, kind, value_text, value_bool,
+                                    value_bytes, received_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) {UPSERT_NEWER}"
+    ))?;
+    for v in batch.latest() {
+        let c = ValueColumns::of(&v.value);
+        let changed = upsert.execute(params![
+            batch.device_id(),
+            v.stream,
+            v.time_ms,
+            c.kind,
+            c.text,
+            c.flag,
+            c.bytes,
+            received_at_ms,
+        ])?;
+        if changed == 1 {
+            outcome.latest_stored += 1;
+        } else {
+            outcome.latest_ignored += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Devices with their counts; the same text runs on both backends.
@@ -625,90 +702,111 @@ impl From<Arg> for Value {
     }
 }
 
+/// A query being written for either backend: `SELECT .. WHERE 1 = 1`, then `AND` clauses whose
+/// `?` become numbered placeholders (`param(n)` writes the n-th, 1-based: `?` for SQLite, `$n`
+/// for PostgreSQL), then the order and a capped limit.
+pub(crate) struct Select<P> {
+    sql: String,
+    args: Vec<Arg>,
+    param: P,
+}
+
+impl<P: Fn(usize) -> String> Select<P> {
+    /// `select` is everything before the `WHERE`.
+    pub(crate) fn new(select: &str, param: P) -> Self {
+        Select {
+            sql: format!("{select} WHERE 1 = 1"),
+            args: Vec::new(),
+            param,
+        }
+    }
+
+    /// Appends ` AND {clause}`; each `?` in it takes the next of `args`, in order.
+    pub(crate) fn and(&mut self, clause: &str, args: impl IntoIterator<Item = Arg>) {
+        let mut args = args.into_iter();
+        let mut parts = clause.split('?');
+        self.sql.push_str(" AND ");
+        self.sql.push_str(parts.next().unwrap_or_default());
+        for part in parts {
+            self.args.extend(args.next());
+            self.sql.push_str(&(self.param)(self.args.len()));
+            self.sql.push_str(part);
+        }
+    }
+
+    /// ` AND {column} = ?` when `value` is given.
+    pub(crate) fn equal(&mut self, column: &str, value: &Option<String>) {
+        if let Some(v) = value {
+            self.and(&format!("{column} = ?"), [Arg::Text(v.clone())]);
+        }
+    }
+
+    /// Ends with ` ORDER BY {order} LIMIT ?` (at most [`MAX_QUERY_LIMIT`]): the SQL and its
+    /// arguments.
+    pub(crate) fn finish(mut self, order: &str, limit: usize) -> (String, Vec<Arg>) {
+        // At most MAX_QUERY_LIMIT, so it fits.
+        self.args.push(Arg::Int(limit.min(MAX_QUERY_LIMIT) as i64));
+        let limit = (self.param)(self.args.len());
+        self.sql
+            .push_str(&format!(" ORDER BY {order} LIMIT {limit}"));
+        (self.sql, self.args)
+    }
+}
+
 /// The summary query's SQL and arguments; `param(n)` writes the n-th (1-based) placeholder.
 pub(crate) fn summary_sql(
     f: &SummaryFilter,
     param: impl Fn(usize) -> String,
 ) -> (String, Vec<Arg>) {
     let q = &f.query;
-    let mut sql = format!("SELECT {SUMMARY_COLUMNS} FROM summaries WHERE 1 = 1");
-    let mut args: Vec<Arg> = Vec::new();
-    let mut push = |sql: &mut String, clause: &str, arg: Arg| {
-        args.push(arg);
-        sql.push_str(&clause.replace('?', &param(args.len())));
-    };
-    if let Some(device) = &q.device {
-        push(&mut sql, " AND device_id = ?", Arg::Text(device.clone()));
-    }
-    if let Some(stream) = &q.stream {
-        push(&mut sql, " AND stream = ?", Arg::Text(stream.clone()));
-    }
+    let mut select = Select::new(&format!("SELECT {SUMMARY_COLUMNS} FROM summaries"), param);
+    select.equal("device_id", &q.device);
+    select.equal("stream", &q.stream);
     if let Some(from) = q.from_ms {
-        push(&mut sql, " AND window_start_ms >= ?", Arg::Int(from));
+        select.and("window_start_ms >= ?", [Arg::Int(from)]);
     }
     if let Some(to) = q.to_ms {
-        push(&mut sql, " AND window_start_ms < ?", Arg::Int(to));
+        select.and("window_start_ms < ?", [Arg::Int(to)]);
     }
     if f.alerts_only {
-        sql.push_str(" AND score_alert = 1");
+        select.and("score_alert = 1", []);
     }
     if let Some(after) = &f.after {
-        push(
-            &mut sql,
-            " AND (window_start_ms, device_id, stream) > (?",
-            Arg::Int(after.window_start_ms),
+        select.and(
+            "(window_start_ms, device_id, stream) > (?, ?, ?)",
+            [
+                Arg::Int(after.window_start_ms),
+                Arg::Text(after.device_id.clone()),
+                Arg::Text(after.stream.clone()),
+            ],
         );
-        push(&mut sql, ", ?", Arg::Text(after.device_id.clone()));
-        push(&mut sql, ", ?)", Arg::Text(after.stream.clone()));
     }
-    // At most MAX_QUERY_LIMIT, so it fits.
-    push(
-        &mut sql,
-        " ORDER BY window_start_ms, device_id, stream LIMIT ?",
-        Arg::Int(q.limit.min(MAX_QUERY_LIMIT) as i64),
-    );
-    (sql, args)
+    select.finish("window_start_ms, device_id, stream", q.limit)
 }
 
 /// The gap query's SQL and arguments, as [`summary_sql`].
 pub(crate) fn gap_sql(q: &GapQuery, param: impl Fn(usize) -> String) -> (String, Vec<Arg>) {
-    let mut sql = String::from(
+    let mut select = Select::new(
         "SELECT device_id, seq, streams, from_ms, to_ms, count, reason, recorded_at_ms,
                 received_at_ms
-         FROM gaps WHERE 1 = 1",
+         FROM gaps",
+        param,
     );
-    let mut args: Vec<Arg> = Vec::new();
-    let mut push = |sql: &mut String, clause: &str, arg: Arg| {
-        args.push(arg);
-        sql.push_str(&clause.replace('?', &param(args.len())));
-    };
-    if let Some(device) = &q.device {
-        push(&mut sql, " AND device_id = ?", Arg::Text(device.clone()));
-    }
+    select.equal("device_id", &q.device);
     if let Some(from) = q.from_ms {
-        push(&mut sql, " AND to_ms >= ?", Arg::Int(from));
+        select.and("to_ms >= ?", [Arg::Int(from)]);
     }
     if let Some(to) = q.to_ms {
-        push(&mut sql, " AND from_ms < ?", Arg::Int(to));
+        select.and("from_ms < ?", [Arg::Int(to)]);
     }
     if let Some((device, seq)) = &q.after {
-        push(
-            &mut sql,
-            " AND (device_id, seq) > (?",
-            Arg::Text(device.clone()),
-        );
-        push(
-            &mut sql,
-            ", ?)",
-            Arg::Int(i64::try_from(*seq).unwrap_or(i64::MAX)),
+        let seq = i64::try_from(*seq).unwrap_or(i64::MAX);
+        select.and(
+            "(device_id, seq) > (?, ?)",
+            [Arg::Text(device.clone()), Arg::Int(seq)],
         );
     }
-    push(
-        &mut sql,
-        " ORDER BY device_id, seq LIMIT ?",
-        Arg::Int(q.limit.min(MAX_QUERY_LIMIT) as i64),
-    );
-    (sql, args)
+    select.finish("device_id, seq", q.limit)
 }
 
 /// Gap streams are stored as a JSON array of strings.
@@ -836,6 +934,7 @@ fn out_of_range(idx: usize, e: std::num::TryFromIntError) -> rusqlite::Error {
 mod tests {
     use super::*;
     use crate::store::SummaryKey;
+    use edgewise_protocol::{LatestValue, StateValue};
 
     fn outcome(inserted: u64, duplicates: u64, revised: u64) -> IngestOutcome {
         IngestOutcome {
@@ -886,7 +985,7 @@ mod tests {
     #[test]
     fn open_creates_the_current_schema_in_wal_mode_and_reopens() {
         let (dir, store) = open();
-        assert_eq!(store.schema_version().unwrap(), 5);
+        assert_eq!(store.schema_version().unwrap(), 6);
         let mode: String = store
             .lock()
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
@@ -895,7 +994,7 @@ mod tests {
         store.add_device("gw-1").unwrap();
         drop(store);
         let again = Store::open(&dir.path().join("cloud.db")).unwrap();
-        assert_eq!(again.schema_version().unwrap(), 5);
+        assert_eq!(again.schema_version().unwrap(), 6);
         assert_eq!(again.devices().unwrap().len(), 1);
     }
 
@@ -1430,5 +1529,211 @@ mod tests {
         let rev = scored(summary("gw-1", "s", 0, 1), 0.9, true);
         store.ingest("gw-1", std::slice::from_ref(&rev)).unwrap();
         assert_eq!(all(&store)[0].summary, rev);
+    }
+
+    fn latest(stream: &str, time_ms: i64, value: StateValue) -> LatestValue {
+        LatestValue {
+            stream: stream.to_owned(),
+            time_ms,
+            value,
+        }
+    }
+
+    fn text(s: &str) -> StateValue {
+        StateValue::Text(s.to_owned())
+    }
+
+    /// Stores `values` (and nothing else) as one batch of `device`; answers (stored, ignored).
+    fn store_latest_values(store: &Store, device: &str, values: &[LatestValue]) -> (u64, u64) {
+        let batch = CheckedBatch::new(device.to_owned(), vec![], vec![])
+            .and_then(|b| b.with_latest(values.to_vec()))
+            .unwrap();
+        let out = store.store_checked(batch).unwrap();
+        (out.latest_stored, out.latest_ignored)
+    }
+
+    /// Every stored latest value as `(device, stream, time_ms, value)`.
+    fn latest_rows(store: &Store) -> Vec<(String, String, i64, StateValue)> {
+        store
+            .latest(&LatestQuery::default())
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.device_id, r.stream, r.time_ms, r.value))
+            .collect()
+    }
+
+    #[test]
+    fn latest_values_are_stored_and_a_newer_one_replaces_them() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        store.add_device("gw-2").unwrap();
+        let first = [
+            latest("n1/door", 1_000, text("open")),
+            latest("n1/alarm", 1_000, StateValue::Bool(false)),
+            latest("n1/fw", 1_000, StateValue::Data(vec![0, 1, 2])),
+            latest("n1/empty", 1_000, StateValue::Data(Vec::new())),
+            latest("n1/note", 1_000, text("")),
+        ];
+        assert_eq!(store_latest_values(&store, "gw-1", &first), (5, 0));
+        assert_eq!(
+            store_latest_values(&store, "gw-2", &[latest("n1/door", 5, text("shut"))]),
+            (1, 0)
+        );
+        let row = |d: &str, s: &str, t, v| (d.to_owned(), s.to_owned(), t, v);
+        assert_eq!(
+            latest_rows(&store),
+            [
+                row("gw-1", "n1/alarm", 1_000, StateValue::Bool(false)),
+                row("gw-1", "n1/door", 1_000, text("open")),
+                row("gw-1", "n1/empty", 1_000, StateValue::Data(Vec::new())),
+                row("gw-1", "n1/fw", 1_000, StateValue::Data(vec![0, 1, 2])),
+                row("gw-1", "n1/note", 1_000, text("")),
+                row("gw-2", "n1/door", 5, text("shut")),
+            ]
+        );
+        // A newer value replaces the stored one, even of another kind.
+        let newer = [
+            latest("n1/door", 2_000, StateValue::Bool(true)),
+            latest("n1/alarm", 1_001, StateValue::Bool(true)),
+        ];
+        assert_eq!(store_latest_values(&store, "gw-1", &newer), (2, 0));
+        let rows = latest_rows(&store);
+        assert_eq!(
+            rows[0],
+            row("gw-1", "n1/alarm", 1_001, StateValue::Bool(true))
+        );
+        assert_eq!(
+            rows[1],
+            row("gw-1", "n1/door", 2_000, StateValue::Bool(true))
+        );
+        assert_eq!(rows[5], row("gw-2", "n1/door", 5, text("shut")));
+        // Filters and paging.
+        let q = |device: Option<&str>, stream: Option<&str>, after: Option<(&str, &str)>| {
+            let q = LatestQuery {
+                device: device.map(str::to_owned),
+                stream: stream.map(str::to_owned),
+                after: after.map(|(d, s)| (d.to_owned(), s.to_owned())),
+                limit: 2,
+            };
+            let rows = store.latest(&q).unwrap();
+            rows.into_iter()
+                .map(|r| format!("{}:{}", r.device_id, r.stream))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            q(None, Some("n1/door"), None),
+            ["gw-1:n1/door", "gw-2:n1/door"]
+        );
+        assert_eq!(q(Some("gw-2"), None, None), ["gw-2:n1/door"]);
+        assert_eq!(
+            q(None, None, Some(("gw-1", "n1/fw"))),
+            ["gw-1:n1/note", "gw-2:n1/door"]
+        );
+    }
+
+    #[test]
+    fn an_older_or_re_sent_latest_value_changes_nothing() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        let kept = latest("n1/door", 2_000, text("closed"));
+        assert_eq!(
+            store_latest_values(&store, "gw-1", std::slice::from_ref(&kept)),
+            (1, 0)
+        );
+        let received_at = store.latest(&LatestQuery::default()).unwrap()[0].received_at_ms;
+        let stale = [
+            kept.clone(),
+            latest("n1/door", 2_000, text("open")), // same time, other value
+            latest("n1/door", 1_999, text("open")),
+        ];
+        // The batch keeps its newest (the first at 2_000); the store ignores that one too.
+        assert_eq!(store_latest_values(&store, "gw-1", &stale), (0, 3));
+        assert_eq!(
+            store_latest_values(&store, "gw-1", std::slice::from_ref(&kept)),
+            (0, 1)
+        );
+        let stored = store.latest(&LatestQuery::default()).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!((stored[0].time_ms, &stored[0].value), (2_000, &kept.value));
+        assert_eq!(stored[0].received_at_ms, received_at);
+    }
+
+    #[test]
+    fn latest_values_are_stored_with_the_batch_or_not_at_all() {
+        let (_dir, store) = open();
+        store.add_device("gw-1").unwrap();
+        let mut bad = summary("gw-1", "n1/temp", 0, 0);
+        bad.count = 0;
+        let refused = CheckedBatch::new("gw-1".to_owned(), vec![bad], vec![])
+            .and_then(|b| b.with_latest(vec![latest("n1/door", 1, text("open"))]));
+        assert!(matches!(refused, Err(StoreError::InvalidSummary { .. })));
+        let refused =
+            CheckedBatch::new("gw-1".to_owned(), vec![summary("gw-1", "s", 0, 0)], vec![])
+                .and_then(|b| b.with_latest(vec![latest("n1/door", 1, text(&"x".repeat(1025)))]));
+        assert!(matches!(
+            refused,
+            Err(StoreError::InvalidLatest { index: 0, .. })
+        ));
+        // An unknown device: the transaction stores nothing.
+        let ghost = CheckedBatch::new("ghost".to_owned(), vec![], vec![])
+            .and_then(|b| b.with_latest(vec![latest("n1/door", 1, text("open"))]))
+            .unwrap();
+        assert!(matches!(
+            store.store_checked(ghost),
+            Err(StoreError::UnknownDevice(_))
+        ));
+        assert!(latest_rows(&store).is_empty());
+        assert!(all(&store).is_empty());
+    }
+
+    #[test]
+    fn a_v4_file_gains_latest_values_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY NOT NULL,
+                                                 applied_at_ms INTEGER NOT NULL);
+                 INSERT INTO schema_migrations VALUES (1, 0), (2, 0), (3, 0), (4, 0);",
+            )
+            .unwrap();
+            for sql in &MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+        }
+        let gap = gap("gw-1", 1, 0, 10_000);
+        let scored_summary = scored(summary("gw-1", "s", 0, 0), 0.9, true);
+        {
+            // Written by the v4 code path: the store at v4 held this data.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "INSERT INTO devices (id, token_hash, created_at_ms) VALUES ('gw-1', 'h', 0);
+                 INSERT INTO gaps VALUES ('gw-1', 1, '[\"n1/temp\",\"n2/hum\"]', 0, 10000, 7,
+                     'buffer_full', 10001, 1);
+                 INSERT INTO summaries (device_id, stream, window_start_ms, window_end_ms,
+                     revision, count, min, max, mean, stddev, first_value, first_time_ms,
+                     last_value, last_time_ms, unit, summary_id, received_at_ms, score_value,
+                     score_alert, score_model)
+                 VALUES ('gw-1', 's', 0, 10000, 0, 3, 20, 22, 21, 0.8, 20, 500, 22, 9500, 'Cel',
+                     'x', 1, 0.9, 1, 'anomaly@3f2a9c1d');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(all(&store)[0].summary, scored_summary);
+        let gaps = store.gaps(&GapQuery::default()).unwrap();
+        assert_eq!(
+            (gaps.len(), &gaps[0].streams, gaps[0].count),
+            (1, &gap.streams, gap.count)
+        );
+        assert!(latest_rows(&store).is_empty());
+        assert_eq!(
+            store_latest_values(&store, "gw-1", &[latest("n1/door", 1, text("open"))]),
+            (1, 0)
+        );
+        assert_eq!(latest_rows(&store).len(), 1);
+        assert_eq!(store.devices().unwrap()[0].summary_count, 1);
     }
 }

@@ -9,7 +9,7 @@
 mod common;
 
 use common::{Backend, Harness, batch, summary};
-use edgewise_protocol::{Score, WindowSummary};
+use edgewise_protocol::{Batch, LatestValue, Score, StateValue, WindowSummary};
 use reqwest::StatusCode;
 
 fn now_ms() -> i64 {
@@ -58,8 +58,21 @@ async fn dashboard_renders_fleet_and_charts_in_headless_chromium() {
     h.add_device("gw-3").await;
     let mut b1 = series("gw-1", "node-1/temperature", &[30, 35]);
     b1.extend(series("gw-1", "node-1/humidity", &[]));
+    let mut b1 = Batch::new("gw-1".to_owned(), now_ms(), b1);
+    b1.latest = vec![
+        LatestValue {
+            stream: "node-1/door".to_owned(),
+            time_ms: now_ms() - 60_000,
+            value: StateValue::Text("<b>open</b>".to_owned()),
+        },
+        LatestValue {
+            stream: "node-1/alarm".to_owned(),
+            time_ms: now_ms() - 60_000,
+            value: StateValue::Bool(false),
+        },
+    ];
     assert_eq!(
-        h.post_ingest(Some(&t1), batch("gw-1", b1)).await.status,
+        h.post_ingest(Some(&t1), b1.to_cbor()).await.status,
         StatusCode::OK
     );
     let b2 = series("gw-2", "node-9/temperature", &[39]);
@@ -116,6 +129,16 @@ async fn dashboard_renders_fleet_and_charts_in_headless_chromium() {
     assert_eq!(count("<polygon class=\"band\""), 2);
     assert_eq!(count("<circle class=\"alert\""), 2);
     assert!(html.contains("<td class=\"alerts some\">2</td>"), "{html}");
+    // Its latest values, by stream; text is shown as text, never as markup.
+    assert_eq!(count("<tr class=\"latest\">"), 2, "{html}");
+    assert!(
+        html.contains("<td class=\"value bool\">false</td>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<td class=\"value text\">&lt;b&gt;open&lt;/b&gt;</td>"),
+        "{html}"
+    );
 
     let out = tokio::process::Command::new(&chromium)
         .args(&common_args)

@@ -1,12 +1,16 @@
 //! End to end on loopback: a real broker, the agent, a real receiver on SQLite.
 //!
 //! Each test publishes a known set of readings and asserts the exact summaries stored at the
-//! receiver, under normal operation, with the receiver down, and across agent restarts.
+//! receiver, under normal operation, with the receiver down, and across agent restarts; and that
+//! text and boolean readings reach the receiver's `/v1/latest`.
 
 mod common;
 
+use std::net::SocketAddr;
+
 use common::*;
 use edgewise_agent::Agent;
+use edgewise_cloud::Receiver;
 
 /// Aligned to a 10 s window boundary.
 const T0: i64 = 1_700_000_000_000;
@@ -63,14 +67,20 @@ fn assert_known_summaries(setup: &Setup) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn known_readings_become_exact_summaries_at_the_cloud() {
-    let setup = Setup::new();
+/// A receiver on a free port, and an agent syncing to it, subscribed to the broker.
+async fn agent_and_receiver(setup: &Setup) -> (Agent, Receiver) {
     let receiver = setup.cloud.start(free_addr()).await;
     let agent = Agent::start(setup.agent_config(receiver.local_addr()))
         .await
         .unwrap();
     subscribed(&agent).await;
+    (agent, receiver)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_readings_become_exact_summaries_at_the_cloud() {
+    let setup = Setup::new();
+    let (agent, receiver) = agent_and_receiver(&setup).await;
 
     publish_all(&setup.broker, &known_readings(&setup)).await;
     let m = agent.metrics().clone();
@@ -228,4 +238,84 @@ async fn malformed_payloads_are_counted_dead_lettered_and_survived() {
         dead.iter()
             .all(|d| d.topic == topic && !d.reason.is_empty())
     );
+}
+
+/// A SenML JSON pack of node `n1` at `time_ms`: its door (`vs`) and alarm (`vb`) states.
+fn door_and_alarm(time_ms: i64, door: &str, alarm: bool) -> Vec<u8> {
+    format!(
+        r#"[{{"bn":"n1/","bt":{},"n":"door","vs":"{door}"}},{{"n":"alarm","vb":{alarm}}}]"#,
+        time_ms as f64 / 1000.0
+    )
+    .into_bytes()
+}
+
+/// `GET /v1/latest?device=<DEVICE>` of the receiver: `(stream, time_ms, kind, value)` rows.
+async fn served_latest(receiver: SocketAddr) -> Vec<(String, i64, String, serde_json::Value)> {
+    let url = format!("http://{receiver}/v1/latest?device={DEVICE}");
+    let response = reqwest::get(&url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    rows.into_iter()
+        .map(|r| {
+            assert_eq!(r["device_id"], DEVICE);
+            (
+                r["stream"].as_str().unwrap().to_owned(),
+                r["time_ms"].as_i64().unwrap(),
+                r["kind"].as_str().unwrap().to_owned(),
+                r["value"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_and_boolean_readings_are_served_as_latest_values_by_the_receiver() {
+    let setup = Setup::new();
+    let (agent, receiver) = agent_and_receiver(&setup).await;
+    let m = agent.metrics().clone();
+
+    publish_all(
+        &setup.broker,
+        &[(setup.topic("n1"), door_and_alarm(T0, "open", true))],
+    )
+    .await;
+    wait_until(15, "2 latest values synced", || {
+        m.latest_values_synced.get() == 2
+    })
+    .await;
+    let row = |stream: &str, t: i64, kind: &str, value: serde_json::Value| {
+        (stream.to_owned(), t, kind.to_owned(), value)
+    };
+    assert_eq!(
+        served_latest(receiver.local_addr()).await,
+        [
+            row("n1/alarm", T0, "bool", true.into()),
+            row("n1/door", T0, "text", "open".into()),
+        ]
+    );
+    assert_eq!(m.readings_accepted.get(), 0, "no number was windowed");
+
+    // A newer state replaces the served one.
+    publish_all(
+        &setup.broker,
+        &[(
+            setup.topic("n1"),
+            door_and_alarm(T0 + 5_000, "closed", false),
+        )],
+    )
+    .await;
+    wait_until(15, "4 latest values synced", || {
+        m.latest_values_synced.get() == 4
+    })
+    .await;
+    assert_eq!(
+        served_latest(receiver.local_addr()).await,
+        [
+            row("n1/alarm", T0 + 5_000, "bool", false.into()),
+            row("n1/door", T0 + 5_000, "text", "closed".into()),
+        ]
+    );
+    agent.stop().await;
+    receiver.stop().await;
 }

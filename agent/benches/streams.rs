@@ -74,7 +74,7 @@ fn summary(for_cpu: Duration) {
     );
     println!(
         "{:<11} {:>7} | {:>24} | {:>12} {:>7} | {:>24} {:>6}",
-        "format", "streams", "decode+contract+window", "target", "ratio", "decode only", "share"
+        "format", "streams", "decode+contract+window", "target", "ratio", "decode only", "vs dec"
     );
     for streams in STREAMS {
         for format in FORMATS {
@@ -100,7 +100,7 @@ fn summary(for_cpu: Duration) {
                 ratio_text,
                 base_cpu,
                 base_wall,
-                // Share of the time the decoder alone takes.
+                // The whole path's rate as a share of the decoder's alone.
                 100.0 * cpu / base_cpu
             );
         }

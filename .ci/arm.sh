@@ -59,13 +59,19 @@ QEMU_armv7=qemu-arm
 TRIPLE_aarch64=aarch64-unknown-linux-gnu
 TRIPLE_armv7=armv7-unknown-linux-gnueabihf
 
-arm() { CARGO_TARGET_DIR="$ARM_TD" nice -n 5 cargo "$@"; }
-out() { echo "$ARM_TD/$1/release/edgewise-agent"; }
+# Symbols are kept in the target dir (for .ci/size-breakdown.py) and stripped from the copies
+# this script runs and packages; the profile's own `strip` setting is for `cargo build --profile
+# gateway` by hand. (Changing `strip` changes every dependency's hash: one setting for all steps.)
+arm() { CARGO_TARGET_DIR="$ARM_TD" CARGO_PROFILE_GATEWAY_STRIP=none nice -n 5 cargo "$@"; }
+STRIP_aarch64=aarch64-linux-gnu-strip
+STRIP_armv7=arm-linux-gnueabihf-strip
+out() { echo "$ARM_TD/$1/gateway/edgewise-agent"; }
 LEAN=(--no-default-features)
 ARCHES=${EDGEWISE_ARM_ARCHES:-aarch64 armv7}   # a subset for local runs
 BROKER=(--no-default-features --features embedded-broker)
 
-# Release profile for everything (tests too: they share the binary's dependencies). The lean
+# The `gateway` profile (Cargo.toml: opt-level "s", fat LTO, one codegen unit) for everything,
+# tests too, so they share the binary's dependencies. The lean
 # agent (no embedded broker, no demo) is what the packages ship and what the budgets are for;
 # the aarch64 build with the embedded broker is made for its size.
 # EDGEWISE_ARM_PREBUILT=DIR skips the builds and tests and checks the binaries in DIR
@@ -78,15 +84,17 @@ for a in $ARCHES; do
     continue
   fi
   step "$a: unit tests under qemu"
-  arm test --release --locked --target "$t" -p edgewise-agent "${LEAN[@]}" --lib
+  arm test --profile gateway --locked --target "$t" -p edgewise-agent "${LEAN[@]}" --lib
   if [ "$a" = aarch64 ]; then
     step "$a: build the agent with the embedded broker (for its size)"
-    arm build --release --locked --target "$t" -p edgewise-agent "${BROKER[@]}"
-    cp "$(out "$t")" "$W/edgewise-agent-$a-broker"
+    arm build --profile gateway --locked --target "$t" -p edgewise-agent "${BROKER[@]}"
+    "$STRIP_aarch64" -o "$W/edgewise-agent-$a-broker" "$(out "$t")"
   fi
   step "$a: build the agent"
-  arm build --release --locked --target "$t" -p edgewise-agent "${LEAN[@]}"
-  cp "$(out "$t")" "$W/edgewise-agent-$a"
+  arm build --profile gateway --locked --target "$t" -p edgewise-agent "${LEAN[@]}"
+  st=STRIP_$a
+  "${!st}" -o "$W/edgewise-agent-$a" "$(out "$t")"
+  if [ "$a" = aarch64 ]; then cp "$(out "$t")" "$W/edgewise-agent-$a.unstripped"; fi
   file "$W/edgewise-agent-$a" | grep -q "ARM" || fail "$a binary is not an ARM executable"
 done
 
@@ -218,8 +226,7 @@ for a in $ARCHES; do
   for v in "" -broker; do
     f="$W/edgewise-agent-$a$v"
     [ -f "$f" ] || continue
-    "$([ "$a" = aarch64 ] && echo aarch64-linux-gnu-strip || echo arm-linux-gnueabihf-strip)" -o "$f.stripped" "$f"
-    bytes=$(stat -c %s "$f.stripped")
+    bytes=$(stat -c %s "$f")
     what="without the embedded broker"; [ -z "$v" ] || what="with the embedded broker"
     budget "$a stripped size $what" \
       "$(awk -v b="$bytes" 'BEGIN{printf "%.2f MiB (%d bytes)", b/1048576, b}')"
@@ -229,11 +236,18 @@ for a in $ARCHES; do
   done
 done
 
+if [ -f "$W/edgewise-agent-aarch64.unstripped" ]; then
+  step "aarch64 size breakdown (unstripped build; approximate after LTO inlining)"
+  python3 .ci/size-breakdown.py "$W/edgewise-agent-aarch64.unstripped" \
+    --nm aarch64-linux-gnu-nm --objdump aarch64-linux-gnu-objdump --top 20
+fi
+
 step ".deb packages (cargo-deb from the cross-built binaries) and their checks"
 deb_for() {  # deb_for ARCH DEBARCH
   local a=$1 da=$2 t=TRIPLE_$1 q=QEMU_$1 s=SYSROOT_$1 deb r
-  mkdir -p "$(dirname "$(out "${!t}")")"
-  cp "$W/edgewise-agent-$a" "$(out "${!t}")"   # the lean binary is what the package ships
+  # cargo-deb reads the asset `target/release/edgewise-agent` as <target dir>/<triple>/release/.
+  mkdir -p "$ARM_TD/${!t}/release"
+  cp "$W/edgewise-agent-$a" "$ARM_TD/${!t}/release/edgewise-agent"   # the lean binary is what the package ships
   CARGO_TARGET_DIR="$ARM_TD" cargo deb -p edgewise-agent --target "${!t}" --no-build --no-strip \
     --output "$W/deb/" >/dev/null
   deb=$(ls "$W"/deb/edgewise-agent_*_"$da".deb)

@@ -7,8 +7,9 @@
 #
 # The gateway's architecture is read over ssh (`uname -m`): aarch64 -> aarch64-unknown-linux-gnu,
 # armv7l/armv6l -> armv7-unknown-linux-gnueabihf, x86_64 -> x86_64-unknown-linux-gnu. Without
-# --binary the script takes $CARGO_TARGET_DIR/<target>/release/edgewise-agent, building it first
-# (`cross build`, or `cargo build` with the cross linkers of .ci/arm.sh) when it is missing.
+# --binary the script takes $CARGO_TARGET_DIR/<target>/gateway/edgewise-agent (Cargo.toml's
+# small-binary `gateway` profile), building it first (`cross build`, or `cargo build` with the
+# cross linkers of .ci/arm.sh) when it is missing.
 #
 # On the gateway (paths under --prefix, default /):
 #   /usr/local/bin/edgewise-agent (+ .prev)      the binary; the previous one is kept for rollback
@@ -198,13 +199,13 @@ say "$GATEWAY is $ARCH: $TARGET"
 
 if [ -z "$BINARY" ]; then
   TD=${CARGO_TARGET_DIR:-$ROOT/target}
-  BINARY=$TD/$TARGET/release/edgewise-agent
+  BINARY=$TD/$TARGET/gateway/edgewise-agent
   if [ ! -x "$BINARY" ]; then
     say "building $BINARY"
     if command -v cross >/dev/null; then
-      (cd "$ROOT" && cross build --release --target "$TARGET" -p edgewise-agent --no-default-features)
+      (cd "$ROOT" && cross build --profile gateway --target "$TARGET" -p edgewise-agent --no-default-features)
     else
-      (cd "$ROOT" && . .ci/arm-env.sh && cargo build --release --target "$TARGET" -p edgewise-agent --no-default-features)
+      (cd "$ROOT" && . .ci/arm-env.sh && cargo build --profile gateway --target "$TARGET" -p edgewise-agent --no-default-features)
     fi
   fi
 fi

@@ -245,10 +245,12 @@ fi
 step ".deb packages (cargo-deb from the cross-built binaries) and their checks"
 deb_for() {  # deb_for ARCH DEBARCH
   local a=$1 da=$2 t=TRIPLE_$1 q=QEMU_$1 s=SYSROOT_$1 deb r
-  # cargo-deb reads the asset `target/release/edgewise-agent` as <target dir>/<triple>/release/.
-  mkdir -p "$ARM_TD/${!t}/release"
-  cp "$W/edgewise-agent-$a" "$ARM_TD/${!t}/release/edgewise-agent"   # the lean binary is what the package ships
-  CARGO_TARGET_DIR="$ARM_TD" cargo deb -p edgewise-agent --target "${!t}" --no-build --no-strip \
+  # The package's profile is `gateway` (agent/Cargo.toml): cargo-deb reads the asset
+  # `target/release/edgewise-agent` as <target dir>/<triple>/gateway/edgewise-agent. A target dir
+  # of its own holds the stripped lean binary, which is what the package ships.
+  mkdir -p "$W/deb-td/${!t}/gateway"
+  cp "$W/edgewise-agent-$a" "$W/deb-td/${!t}/gateway/edgewise-agent"
+  CARGO_TARGET_DIR="$W/deb-td" cargo deb -p edgewise-agent --target "${!t}" --no-build --no-strip \
     --output "$W/deb/" >/dev/null
   deb=$(ls "$W"/deb/edgewise-agent_*_"$da".deb)
   dpkg-deb --info "$deb" | tee "$W/deb-info-$a.txt"

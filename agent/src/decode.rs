@@ -684,7 +684,13 @@ impl<'a, 'o, F: FnMut(ReadingRef<'_>)> Resolver<'a, 'o, F> {
             return Err(DecodeError::MustUnderstand { record, label });
         }
         if let Some(version) = r.base_version {
-            if version.is_nan() || version > MAX_SENML_VERSION {
+            if version.is_nan() {
+                // Not a version at all (a CBOR NaN); the error must also compare equal to itself.
+                return Err(DecodeError::NotSenml(format!(
+                    "record {record}: `bver` is not a number"
+                )));
+            }
+            if version > MAX_SENML_VERSION {
                 return Err(DecodeError::UnsupportedVersion { record, version });
             }
         }
@@ -2295,6 +2301,67 @@ mod tests {
             let from_cbor = decode_with(&buf[..n], PayloadFormat::Auto, &limits).unwrap();
             prop_assert_eq!(&from_json, &from_cbor);
             prop_assert_eq!(from_json.0, expected(&base, bt_ms, &recs));
+        }
+    }
+
+    /// Found by `cargo fuzz run decode` (CI, 2026-11-21): a CBOR pack whose `bver` is NaN was
+    /// refused with an error holding NaN, which is not equal to itself, so the two APIs seemed
+    /// to disagree. It is now `not_senml`, naming the field.
+    #[test]
+    fn fuzz_found_cbor_pack_is_judged_the_same_by_both_apis() {
+        let data: &[u8] = &[
+            2, 135, 167, 33, 120, 27, 117, 114, 110, 58, 100, 101, 118, 58, 111, 119, 58, 49, 48,
+            101, 50, 48, 55, 51, 97, 48, 49, 48, 56, 48, 48, 54, 58, 34, 251, 65, 211, 3, 161, 91,
+            0, 16, 98, 98, 110, 34, 32, 5, 0, 103, 118, 111, 108, 116, 97, 103, 101, 1, 97, 86, 2,
+            32, 251, 255, 255, 64, 94, 6, 102, 102, 102, 102, 102, 163, 0, 251, 64, 94, 6, 102,
+            102, 102, 102, 102, 163, 0, 103, 99, 117, 51, 51, 51, 51, 51, 51,
+        ];
+        let payload = &data[1..];
+        let limits = DecodeLimits {
+            max_payload_bytes: 64 * 1024,
+            max_records: 256,
+            max_name_bytes: 64,
+        };
+        let topic = "sensors/node-1/temperature";
+        let now = 1_700_000_000_000;
+        let mut decoder = PayloadDecoder::new(limits.clone());
+        let (mut numeric, mut other) = (0, 0);
+        let result = decoder.decode_each(topic, payload, PayloadFormat::SenmlCbor, now, |r| {
+            assert!(!r.stream.is_empty() && r.stream.len() <= 64, "{r:?}");
+            assert!(r.unit.is_none_or(|u| u.len() <= 64), "{r:?}");
+            match r.value {
+                Some(Value::Number(x)) => {
+                    assert!(x.is_finite());
+                    numeric += 1;
+                }
+                None => {
+                    assert!(r.sum.is_some(), "{r:?}");
+                    other += 1;
+                }
+                Some(_) => other += 1,
+            }
+        });
+        let mut owned = Vec::new();
+        let again = decode(
+            topic,
+            payload,
+            PayloadFormat::SenmlCbor,
+            &limits,
+            now,
+            &mut owned,
+        );
+        match result {
+            Ok(d) => {
+                assert_eq!((d.readings, d.non_numeric), (numeric, other));
+                assert_eq!(again, Ok(d));
+                assert_eq!(owned.len(), numeric);
+            }
+            Err(e) => {
+                assert_eq!(e.reason(), "not_senml");
+                assert!(e.to_string().contains("`bver` is not a number"), "{e}");
+                assert_eq!(again, Err(e));
+                assert!(owned.is_empty());
+            }
         }
     }
 }

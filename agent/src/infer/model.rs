@@ -12,6 +12,12 @@
 //! rows through both plans: outputs must be finite and the two plans must agree. Only then is
 //! the scorer returned, so a `Scorer` that exists has passed validation.
 //!
+//! A model whose output is a softmax over each row (the fault classifier's `class_probs`) is
+//! planned without that last node, and the scorer applies the softmax to the plan's output itself
+//! (see [`SoftmaxHead`]): tract's Softmax op is fast for rows a multiple of the SIMD width, but
+//! runs a 7-class row through three padded 64-lane kernels, which cost more than the whole MLP
+//! before it at batch 256. The result is the same softmax, with tract's own vectorised exp.
+//!
 //! Scoring reuses the two tract states and one input buffer across calls (no re-planning per
 //! batch).
 
@@ -22,6 +28,8 @@ use edgewise_protocol::{Score, WindowSummary};
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::tract_core::ops::nn::{Softmax, SoftmaxKind};
+use tract_onnx::tract_hir::tract_core::tract_linalg::{Func, reduce::MapReduce};
 
 use super::InferenceError;
 use super::config::{FeatureInput, InferenceConfig, ScoreFrom};
@@ -53,6 +61,9 @@ pub struct Scorer {
     full: PlanState,
     /// Runs batches of any other size (symbolic batch dimension).
     partial: PlanState,
+    /// The model's final softmax, applied by the scorer to the plans' output (which stops
+    /// before it), if the model ends with one.
+    softmax: Option<SoftmaxHead>,
     // Scratch reused across calls: the input rows and which summary each row belongs to.
     rows: Vec<f32>,
     row_owner: Vec<usize>,
@@ -160,7 +171,7 @@ impl Scorer {
         model
             .set_input_fact(0, f32::fact([batch.to_dim(), width.to_dim()]).into())
             .map_err(|e| InferenceError::tract(path, "setting the input shape", e))?;
-        let typed = model.into_typed().map_err(|e| {
+        let mut typed = model.into_typed().map_err(|e| {
             InferenceError::tract(
                 path,
                 "the model does not accept [batch, features] of f32",
@@ -187,6 +198,7 @@ impl Scorer {
                 });
             }
         };
+        let softmax = SoftmaxHead::split_off(&mut typed, path)?;
         // Two plans of the same graph: one with the batch dimension fixed to `batch_size`, so
         // tract plans every matmul for its real shape, for full batches; one with the symbolic
         // batch for the partial batches in between (a lone window, the rest of a split batch).
@@ -211,6 +223,7 @@ impl Scorer {
             output_width,
             full,
             partial,
+            softmax,
             rows: Vec::with_capacity(cfg.batch_size * width),
             row_owner: Vec::with_capacity(cfg.batch_size),
         };
@@ -347,7 +360,11 @@ impl Scorer {
                 ),
             ));
         }
+        let start = out.len();
         out.extend(view.iter().copied());
+        if let Some(softmax) = &self.softmax {
+            softmax.apply(&mut out[start..], self.output_width, &self.path)?;
+        }
         Ok(())
     }
 
@@ -427,6 +444,65 @@ impl Scorer {
     }
 }
 
+/// The softmax over each output row that ends a classifier, computed by the scorer instead of
+/// tract's Softmax op (see the module docs). Same arithmetic as that op: subtract the row's max,
+/// exponentiate with tract's Softmax2 kernel, multiply by the reciprocal of the row's sum; but
+/// the kernel runs once over the whole batch instead of once per row.
+struct SoftmaxHead {
+    /// exp(x - param) in place over a slice (tract's vectorised kernel for this machine).
+    exp: Box<dyn MapReduce<f32, f32>>,
+}
+
+impl SoftmaxHead {
+    /// If `model`'s output (already checked to be `[batch, K]`) is a float softmax over its `K`
+    /// axis, makes the node before it the output (the softmax is left to
+    /// [`SoftmaxHead::apply`]) and returns the head.
+    fn split_off(
+        model: &mut TypedModel,
+        path: &Path,
+    ) -> Result<Option<SoftmaxHead>, InferenceError> {
+        let outputs = model
+            .output_outlets()
+            .map_err(|e| InferenceError::tract(path, "reading outputs", e))?;
+        let Some(node) = outputs.first().map(|o| model.node(o.node)) else {
+            return Ok(None);
+        };
+        let is_row_softmax = node.op_as::<Softmax>().is_some_and(|op| {
+            op.kind == SoftmaxKind::Softmax && op.quant_output_dt.is_none() && op.axes[..] == [1]
+        });
+        let [logits] = node.inputs[..] else {
+            return Ok(None);
+        };
+        if !is_row_softmax {
+            return Ok(None);
+        }
+        let exp = Func::Softmax2
+            .map_reduce_f32()
+            .map_err(|e| InferenceError::tract(path, "preparing the softmax kernel", e))?;
+        model
+            .select_output_outlets(&[logits])
+            .map_err(|e| InferenceError::tract(path, "selecting the softmax input", e))?;
+        Ok(Some(SoftmaxHead { exp }))
+    }
+
+    /// Replaces each row of `width` logits in `values` by its softmax.
+    fn apply(&self, values: &mut [f32], width: usize, path: &Path) -> Result<(), InferenceError> {
+        for row in values.chunks_exact_mut(width) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            row.iter_mut().for_each(|x| *x -= max);
+        }
+        // Every value is now <= 0: one kernel call exponentiates the whole batch.
+        self.exp
+            .run_with_params(values, 0.0)
+            .map_err(|e| InferenceError::tract(path, "softmax", e))?;
+        for row in values.chunks_exact_mut(width) {
+            let scale = row.iter().sum::<f32>().recip();
+            row.iter_mut().for_each(|x| *x *= scale);
+        }
+        Ok(())
+    }
+}
+
 /// Optimizes `model` for this machine and prepares the state that runs it (reused across calls).
 fn plan_state(model: TypedModel, path: &Path) -> Result<PlanState, InferenceError> {
     let plan: Arc<TypedSimplePlan> = model
@@ -469,5 +545,50 @@ fn check_declared_input(
             found: fact.format_dt_shape(),
             features: width,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The straightforward softmax in f64, to check the head against.
+    fn reference_softmax(row: &[f32]) -> Vec<f64> {
+        let max = row
+            .iter()
+            .map(|&x| x as f64)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = row.iter().map(|&x| (x as f64 - max).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        exps.iter().map(|e| e / sum).collect()
+    }
+
+    #[test]
+    fn softmax_head_matches_the_definition_row_by_row() {
+        let head = SoftmaxHead {
+            exp: Func::Softmax2
+                .map_reduce_f32()
+                .expect("this machine has a Softmax2 kernel"),
+        };
+        // 7-wide rows (the fault model), 67 of them so the batch is not a multiple of any
+        // SIMD width: ordinary logits, equal logits, and logits whose exp overflows f32.
+        let mut rows: Vec<f32> = Vec::new();
+        for i in 0..67 {
+            let row: [f32; 7] = match i % 3 {
+                0 => [0.5, -1.25, 3.0, 0.0, 2.5, -4.0, 1.0].map(|x| x + i as f32 * 0.1),
+                1 => [2.0; 7],
+                _ => [1000.0, 0.0, -1000.0, 999.0, 10.0, -3.0, 998.0],
+            };
+            rows.extend(row);
+        }
+        let expected: Vec<f64> = rows.chunks(7).flat_map(reference_softmax).collect();
+        head.apply(&mut rows, 7, Path::new("test.onnx"))
+            .expect("softmax runs");
+        for (i, (got, want)) in rows.iter().zip(&expected).enumerate() {
+            assert!(
+                (*got as f64 - want).abs() < 1e-6,
+                "value {i}: {got} instead of {want}"
+            );
+        }
     }
 }

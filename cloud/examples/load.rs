@@ -47,6 +47,11 @@ struct Args {
     pg_connections: usize,
 }
 
+const USAGE: &str = "usage: load [--backend sqlite|postgres] [--pg-url URL] [--replicas N] \
+[--devices N] [--streams N] [--batch N] [--concurrency N] [--seconds N] [--client-threads N] \
+[--pg-connections N]   (defaults: sqlite, 1 replica, 200 devices, 20 streams, batches of 500, \
+16 concurrent clients, 10 s, 1 client thread)";
+
 fn parse_args() -> anyhow::Result<Args> {
     let mut a = Args {
         backend: "sqlite".into(),
@@ -62,7 +67,13 @@ fn parse_args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
             "--backend" => a.backend = value,
             "--pg-url" => a.pg_url = value,
@@ -74,7 +85,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--seconds" => a.seconds = value.parse()?,
             "--client-threads" => a.client_threads = value.parse()?,
             "--pg-connections" => a.pg_connections = value.parse()?,
-            other => anyhow::bail!("unknown flag {other}"),
+            other => anyhow::bail!("unknown flag {other}\n{USAGE}"),
         }
     }
     anyhow::ensure!(
@@ -379,7 +390,8 @@ async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<
         }
         workers.push(client_rt.spawn(async move {
             let mut latencies_us: Vec<u32> = Vec::new();
-            let mut errors = 0u64;
+            // Failed requests by what came back: an HTTP status, or `transport`.
+            let mut errors: HashMap<String, u64> = HashMap::new();
             let mut i = 0;
             while Instant::now() < deadline {
                 let k = i % mine.len();
@@ -399,19 +411,36 @@ async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<
                         let _ = r.bytes().await;
                         latencies_us.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     }
-                    _ => errors += 1,
+                    Ok(r) => *errors.entry(r.status().as_u16().to_string()).or_default() += 1,
+                    Err(_) => *errors.entry("transport".to_owned()).or_default() += 1,
                 }
             }
             (latencies_us, errors)
         }));
     }
     let mut latencies = Vec::new();
-    let mut errors = 0;
+    let mut errors: HashMap<String, u64> = HashMap::new();
     for w in workers {
         let (l, e) = w.await?;
         latencies.extend(l);
-        errors += e;
+        for (kind, n) in e {
+            *errors.entry(kind).or_default() += n;
+        }
     }
+    let mut error_kinds: Vec<_> = errors.iter().collect();
+    error_kinds.sort();
+    let errors_text = match error_kinds.as_slice() {
+        [] => "0 errors".to_owned(),
+        kinds => format!(
+            "{} errors: {}",
+            errors.values().sum::<u64>(),
+            kinds
+                .iter()
+                .map(|(k, n)| format!("{k} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let elapsed = started.elapsed().as_secs_f64();
     let after = CpuMark::now(pg_db);
     let inserted: u64 = receivers
@@ -428,7 +457,7 @@ async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<
     };
     println!(
         "backend={} replicas={} devices={} batch={} ({} bytes) concurrency={} seconds={:.1}: \
-         {:.0} summaries/s stored ({} in {} requests, {} errors), latency ms p50 {:.1} p99 {:.1} max {:.1}",
+         {:.0} summaries/s stored ({} in {} requests, {}; not retried), latency ms p50 {:.1} p99 {:.1} max {:.1}",
         args.backend,
         args.replicas,
         args.devices,
@@ -439,7 +468,7 @@ async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<
         inserted as f64 / elapsed,
         inserted,
         latencies.len(),
-        errors,
+        errors_text,
         pct(0.50),
         pct(0.99),
         pct(1.0),

@@ -470,12 +470,12 @@ impl SoftmaxHead {
         let is_row_softmax = node.op_as::<Softmax>().is_some_and(|op| {
             op.kind == SoftmaxKind::Softmax && op.quant_output_dt.is_none() && op.axes[..] == [1]
         });
-        let [logits] = node.inputs[..] else {
-            return Ok(None);
-        };
         if !is_row_softmax {
             return Ok(None);
         }
+        let [logits] = node.inputs[..] else {
+            return Ok(None);
+        };
         let exp = Func::Softmax2
             .map_reduce_f32()
             .map_err(|e| InferenceError::tract(path, "preparing the softmax kernel", e))?;

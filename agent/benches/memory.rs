@@ -2,9 +2,10 @@
 //!
 //! `cargo bench -p edgewise-agent --bench memory` (a plain binary, no criterion). Runs the
 //! `common` workload (SenML CBOR, 10 readings per message) over 10,000 streams for 60 s of event
-//! time (each stream's window closes 6 times), then prints the process's peak resident set
+//! time (each stream's window closes 6 times), each message encoded when it is sent into one
+//! reused buffer (an agent holds the message it decodes, not one per stream), then prints the process's peak resident set
 //! (`VmHWM` from /proc/self/status) next to the baseline measured in the same run before any
-//! stream existed (the binary, its allocator and the generated messages), and the heap
+//! stream existed (the binary and its allocator), and the heap
 //! allocations per reading in the steady state (a counting global allocator). Target: peak under
 //! 16 MiB. `EDGEWISE_BENCH_QUANTILES=1` adds a DDSketch per window. Exit status 1 if the peak is
 //! over the target (a debug build, as `cargo test --bench memory` makes in CI, checks the peak
@@ -60,7 +61,7 @@ fn memory_kib() -> Option<(u64, u64)> {
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let quantiles = std::env::var("EDGEWISE_BENCH_QUANTILES").is_ok_and(|v| v == "1");
-    let mut run = Run::with_quantiles(Format::SenmlCbor, STREAMS, quantiles);
+    let mut run = Run::generated(Format::SenmlCbor, STREAMS, quantiles);
     let Some((base_peak, _)) = memory_kib() else {
         eprintln!("no /proc/self/status: cannot measure resident memory here");
         std::process::exit(2);
@@ -75,7 +76,7 @@ fn main() {
         std::process::exit(2);
     };
     // Baseline (after the memory was read): the decoder alone on the same messages.
-    let mut decode_only = Run::new(Format::SenmlCbor, STREAMS);
+    let mut decode_only = Run::generated(Format::SenmlCbor, STREAMS, false);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     let decoded = decode_only.process(STREAMS * 5, false);
     let decoder_allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;

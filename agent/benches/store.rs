@@ -58,7 +58,7 @@ fn journal(dir: &Path, name: &str, sync: SyncMode, rs: &[Reading]) -> f64 {
     let started = Instant::now();
     for chunk in rs.chunks(BATCH) {
         store
-            .commit_ingest(chunk, &[], &[], &mut inserted)
+            .commit_ingest(chunk.iter().map(Reading::as_view), &[], &[], &mut inserted)
             .expect("commit");
     }
     rs.len() as f64 / started.elapsed().as_secs_f64()

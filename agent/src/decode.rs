@@ -1306,6 +1306,56 @@ fn base64url_decode(text: &str, out: &mut Vec<u8>) -> bool {
     true
 }
 
+/// What `fuzz/fuzz_targets/decode.rs` checks on any input, shared with the regression tests of
+/// what it found: the decoder does not panic, what it yields respects the limits (64-byte names,
+/// finite numbers), its counts match, and the owned [`decode`] agrees with the borrowed
+/// [`PayloadDecoder::decode_each`]. Panics on a violation; returns the outcome.
+#[cfg(any(test, fuzzing))]
+pub fn check_both_apis(
+    topic: &str,
+    payload: &[u8],
+    format: PayloadFormat,
+    now_ms: i64,
+) -> Result<Decoded, DecodeError> {
+    let limits = DecodeLimits {
+        max_payload_bytes: 64 * 1024,
+        max_records: 256,
+        max_name_bytes: 64,
+    };
+    let mut decoder = PayloadDecoder::new(limits.clone());
+    let (mut numeric, mut other) = (0, 0);
+    let result = decoder.decode_each(topic, payload, format, now_ms, |r| {
+        assert!(!r.stream.is_empty() && r.stream.len() <= 64, "{r:?}");
+        assert!(r.unit.is_none_or(|u| u.len() <= 64), "{r:?}");
+        assert!(r.sum.is_none_or(f64::is_finite), "{r:?}");
+        match r.value {
+            Some(Value::Number(x)) => {
+                assert!(x.is_finite());
+                numeric += 1;
+            }
+            None => {
+                assert!(r.sum.is_some(), "{r:?}");
+                other += 1;
+            }
+            Some(_) => other += 1,
+        }
+    });
+    let mut owned = Vec::new();
+    let again = decode(topic, payload, format, &limits, now_ms, &mut owned);
+    match &result {
+        Ok(d) => {
+            assert_eq!((d.readings, d.non_numeric), (numeric, other));
+            assert_eq!(owned.len(), numeric);
+        }
+        Err(e) => {
+            assert!(!e.reason().is_empty() && !e.to_string().is_empty());
+            assert!(owned.is_empty());
+        }
+    }
+    assert_eq!(again, result);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2316,52 +2366,14 @@ mod tests {
             32, 251, 255, 255, 64, 94, 6, 102, 102, 102, 102, 102, 163, 0, 251, 64, 94, 6, 102,
             102, 102, 102, 102, 163, 0, 103, 99, 117, 51, 51, 51, 51, 51, 51,
         ];
-        let payload = &data[1..];
-        let limits = DecodeLimits {
-            max_payload_bytes: 64 * 1024,
-            max_records: 256,
-            max_name_bytes: 64,
-        };
-        let topic = "sensors/node-1/temperature";
-        let now = 1_700_000_000_000;
-        let mut decoder = PayloadDecoder::new(limits.clone());
-        let (mut numeric, mut other) = (0, 0);
-        let result = decoder.decode_each(topic, payload, PayloadFormat::SenmlCbor, now, |r| {
-            assert!(!r.stream.is_empty() && r.stream.len() <= 64, "{r:?}");
-            assert!(r.unit.is_none_or(|u| u.len() <= 64), "{r:?}");
-            match r.value {
-                Some(Value::Number(x)) => {
-                    assert!(x.is_finite());
-                    numeric += 1;
-                }
-                None => {
-                    assert!(r.sum.is_some(), "{r:?}");
-                    other += 1;
-                }
-                Some(_) => other += 1,
-            }
-        });
-        let mut owned = Vec::new();
-        let again = decode(
-            topic,
-            payload,
+        let result = check_both_apis(
+            "sensors/node-1/temperature",
+            &data[1..],
             PayloadFormat::SenmlCbor,
-            &limits,
-            now,
-            &mut owned,
+            1_700_000_000_000,
         );
-        match result {
-            Ok(d) => {
-                assert_eq!((d.readings, d.non_numeric), (numeric, other));
-                assert_eq!(again, Ok(d));
-                assert_eq!(owned.len(), numeric);
-            }
-            Err(e) => {
-                assert_eq!(e.reason(), "not_senml");
-                assert!(e.to_string().contains("`bver` is not a number"), "{e}");
-                assert_eq!(again, Err(e));
-                assert!(owned.is_empty());
-            }
-        }
+        let e = result.expect_err("the NaN bver is refused");
+        assert_eq!(e.reason(), "not_senml");
+        assert!(e.to_string().contains("`bver` is not a number"), "{e}");
     }
 }

@@ -376,7 +376,8 @@ struct Pending {
 #[derive(Debug)]
 pub struct Filter {
     contracts: Vec<Contract>,
-    index: HashMap<Box<str>, u32>,
+    /// Hashed with foldhash, as [`crate::window::StreamMap`].
+    index: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     slots: Vec<Slot>,
     max_streams: usize,
     /// CLOCK hand.
@@ -412,7 +413,7 @@ impl Filter {
             .collect::<Result<_, String>>()?;
         Ok(Filter {
             contracts,
-            index: HashMap::new(),
+            index: HashMap::default(),
             slots: Vec::new(),
             max_streams: max_streams.max(1),
             hand: 0,

@@ -7,6 +7,8 @@
 //! - [`decode`]: SenML JSON / SenML CBOR / plain JSON payloads -> [`edgewise_protocol::Reading`]s.
 //! - [`filter`]: per-stream data contracts (valid range).
 //! - [`window`]: tumbling event-time windows with watermarks -> [`edgewise_protocol::WindowSummary`].
+//! - [`arena`]: the readings a batch keeps, their names in one reused buffer (no allocation per
+//!   reading on the ingest path).
 //!
 //! Edges (I/O):
 //! - [`store`]: the SQLite journal, outbox (byte-capped, evicting by value into gap records),
@@ -23,6 +25,7 @@
 //!
 //! [`Agent`] wires them together; [`config`] is its TOML file.
 
+pub mod arena;
 pub mod config;
 pub mod decode;
 pub mod filter;

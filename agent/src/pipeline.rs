@@ -17,11 +17,11 @@
 //! No network I/O here; the async driver lives in [`crate::ingest`]. Tested end to end in
 //! `tests/` and by the unit tests below on real SQLite files.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
-use edgewise_protocol::{LatestValue, Reading, StateValue};
+use edgewise_protocol::{LatestValue, ReadingView, StateValue};
 
+use crate::arena::ReadingArena;
 use crate::config::AgentConfig;
 use crate::decode::{DecodeLimits, PayloadDecoder, TopicFormats, Value};
 use crate::filter::{DeadLetterSampler, Filter};
@@ -44,10 +44,12 @@ pub struct Pipeline {
     sampler: DeadLetterSampler,
     metrics: Arc<Metrics>,
     // Scratch buffers reused across batches.
-    accepted: Vec<Reading>,
+    /// The readings `prepare` keeps: their names are copied into the arena, which allocates
+    /// only while it grows to the size of a batch.
+    accepted: ReadingArena,
     inserted: Vec<bool>,
     /// Streams of the batch in hand that will become active, counted against `max_streams`.
-    new_streams: HashSet<String>,
+    new_streams: std::collections::HashSet<String, foldhash::fast::RandomState>,
     /// Journal-less mode only: closed windows whose outbox commit failed, retried first.
     pending_closed: Vec<ClosedWindow>,
     journal_enabled: bool,
@@ -112,9 +114,9 @@ impl Pipeline {
             }),
             sampler: DeadLetterSampler::new(cfg.ingest.dead_letter_sample_ms),
             metrics,
-            accepted: Vec::new(),
+            accepted: ReadingArena::default(),
             inserted: Vec::new(),
-            new_streams: HashSet::new(),
+            new_streams: Default::default(),
             pending_closed: Vec::new(),
             journal_enabled: cfg.store.journal,
             journal_rows,
@@ -138,7 +140,7 @@ impl Pipeline {
     ) -> Result<(), StoreError> {
         let verdicts = self.prepare(batch, wall_ms);
         let committed = self.store.commit_ingest(
-            &self.accepted,
+            self.accepted.iter(),
             &verdicts.dead,
             &verdicts.latest,
             &mut self.inserted,
@@ -237,19 +239,19 @@ impl Pipeline {
                             return;
                         }
                     };
-                    let reading = Reading {
-                        stream: r.stream.to_owned(),
+                    let reading = ReadingView {
+                        stream: r.stream,
                         time_ms: r.time_ms,
                         value,
-                        unit: kept.unit.map(str::to_owned),
+                        unit: kept.unit,
                     };
-                    let refused = match windows.admit(&reading) {
+                    let refused = match windows.admit(reading) {
                         Admission::Late => Some("late"),
                         Admission::StreamLimit => Some("stream_limit"),
                         Admission::Open | Admission::Revision => {
                             // The cap counts the streams this batch would activate too.
-                            if windows.is_active(&reading.stream)
-                                || new_streams.contains(&reading.stream)
+                            if windows.is_active(reading.stream)
+                                || new_streams.contains(reading.stream)
                             {
                                 None
                             } else if windows.active_streams() + new_streams.len()
@@ -257,8 +259,8 @@ impl Pipeline {
                             {
                                 Some("stream_limit")
                             } else {
-                                new_streams.insert(reading.stream.clone());
-                                activated.push(reading.stream.clone());
+                                new_streams.insert(reading.stream.to_owned());
+                                activated.push(reading.stream.to_owned());
                                 None
                             }
                         }
@@ -295,6 +297,15 @@ impl Pipeline {
     /// Moves every window that is due (watermark or idle timeout) to the outbox. Returns how
     /// many closed. On `Err` the windows stay open and the next call retries.
     pub fn close_due(&mut self, proc_ms: i64) -> Result<usize, StoreError> {
+        // The journal rows the last closes released, a chunk per call (see `store`), up to the
+        // current horizon: computed only while there is something left to delete.
+        if self.store.released_journal_left() {
+            let deleted = self
+                .store
+                .delete_released_journal(self.windows.journal_horizon());
+            self.note_store_result(&deleted);
+            self.journal_rows = self.journal_rows.saturating_sub(deleted?);
+        }
         let mut closed = std::mem::take(&mut self.pending_closed);
         closed.extend(self.windows.advance(proc_ms));
         if closed.is_empty() {
@@ -418,7 +429,7 @@ fn rebuild_windows(
     }
     let journal = store.journal_readings()?;
     for r in &journal {
-        windows.add(r, 0);
+        windows.add(r.as_view(), 0);
     }
     Ok((windows, journal.len() as u64))
 }

@@ -39,6 +39,16 @@
 //!   they are; they are dead from the commit that moved the release time: a rebuild skips them
 //!   ([`crate::window::Windows::add`] ignores readings before the release time) and a
 //!   redelivery of them is refused as late before it reaches the journal.
+//! - The journal rows a commit of closed windows releases are deleted at most
+//!   [`JOURNAL_DELETE_CHUNK`] at a time: that commit deletes the first chunk, and
+//!   [`Store::delete_released_journal`] (called by the pipeline after every batch) the rest, one
+//!   chunk per call. All windows of a tumbling spec close together, so one close releases every
+//!   stream's readings of a whole window at once (two million rows at 100,000 messages/s with 10 s
+//!   windows): deleted in one go, that took the ingest loop away from the broker for seconds.
+//!   The rows are dead from the commit that released them (above), so deleting them later, or
+//!   after a restart (the next close deletes them again), changes nothing a rebuild sees. Each
+//!   later chunk deletes only up to the horizon of that moment: a stream that became active in
+//!   between may have journaled readings older than the last close's horizon.
 //! - Outbox and gap rows are deleted by [`Store::outbox_remove`] only after the receiver's 2xx;
 //!   a latest value is marked sent then, unless a newer one replaced it meanwhile.
 //!
@@ -56,7 +66,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use edgewise_protocol::{Gap, LatestValue, Reading, WindowSummary};
+use edgewise_protocol::{Gap, LatestValue, Reading, ReadingView, WindowSummary};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 
 use crate::config::{AgentConfig, DrainOrder, SyncMode};
@@ -300,6 +310,37 @@ pub struct Store {
     next_arrival: i64,
     /// Rows in `latest_value`, tracked without a COUNT(*) per batch.
     latest_rows: u64,
+    /// The last chunk deletion stopped short: released journal rows may be left to delete
+    /// (memory only: after a restart the next close releases them again).
+    released_left: bool,
+}
+
+/// Most journal rows one transaction deletes (see the module docs): a few milliseconds of work,
+/// so the ingest loop never stalls on it, and far more than a batch inserts, so deletion keeps
+/// ahead of ingest.
+pub const JOURNAL_DELETE_CHUNK: i64 = 8192;
+
+/// Deletes the oldest journal rows before `before_ms`, at most about [`JOURNAL_DELETE_CHUNK`]
+/// (always whole milliseconds, so a millisecond holding more rows than a chunk still goes).
+/// Returns the rows deleted and whether any before `before_ms` are left.
+fn delete_journal_chunk(conn: &Connection, before_ms: i64) -> rusqlite::Result<(u64, bool)> {
+    // The time of the first row past a chunk, if there are more rows than that to delete.
+    let cutoff: Option<i64> = conn
+        .prepare_cached(
+            "SELECT time_ms FROM journal WHERE time_ms < ?1 ORDER BY time_ms LIMIT 1 OFFSET ?2",
+        )?
+        .query_row(params![before_ms, JOURNAL_DELETE_CHUNK], |r| r.get(0))
+        .optional()?;
+    let mut delete = conn.prepare_cached("DELETE FROM journal WHERE time_ms < ?1")?;
+    let Some(cutoff) = cutoff else {
+        return Ok((delete.execute(params![before_ms])? as u64, false));
+    };
+    let mut deleted = delete.execute(params![cutoff])?;
+    if deleted == 0 {
+        // The whole chunk shares one millisecond.
+        deleted = delete.execute(params![cutoff.saturating_add(1)])?;
+    }
+    Ok((deleted as u64, true))
 }
 
 impl Store {
@@ -462,6 +503,7 @@ impl Store {
             opts: opts.clone(),
             next_arrival,
             latest_rows: latest_rows.max(0) as u64,
+            released_left: false,
         };
         store.set_max_db_bytes(opts.max_db_bytes)?;
         Ok(store)
@@ -585,16 +627,17 @@ impl Store {
     /// transaction. `inserted[i]` is false where reading `i` was already journaled (a
     /// redelivery), which the caller must not count again. With the journal disabled, readings
     /// are not written and all count as new; latest values are kept either way.
-    pub fn commit_ingest(
+    pub fn commit_ingest<'r>(
         &mut self,
-        readings: &[Reading],
+        readings: impl ExactSizeIterator<Item = ReadingView<'r>>,
         dead: &[DeadLetter],
         latest: &[LatestValue],
         inserted: &mut Vec<bool>,
     ) -> Result<LatestOutcome, StoreError> {
         inserted.clear();
+        let count = readings.len();
         if !self.opts.journal {
-            inserted.resize(readings.len(), true);
+            inserted.resize(count, true);
             if dead.is_empty() && latest.is_empty() {
                 return Ok(LatestOutcome::default());
             }
@@ -607,7 +650,7 @@ impl Store {
                     "INSERT OR IGNORE INTO journal (time_ms, stream, arrival, value, unit)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
-                for (i, r) in readings.iter().enumerate() {
+                for (i, r) in readings.enumerate() {
                     let arrival = self.next_arrival + i as i64;
                     let n = ins.execute(params![r.time_ms, r.stream, arrival, r.value, r.unit])?;
                     inserted.push(n == 1);
@@ -629,7 +672,7 @@ impl Store {
         let outcome = keep_latest(&tx, latest, self.latest_rows, self.opts.max_latest_streams)?;
         tx.commit()?;
         if journal {
-            self.next_arrival += readings.len() as i64;
+            self.next_arrival += count as i64;
         }
         self.latest_rows += outcome.new_streams;
         Ok(outcome.counts)
@@ -697,18 +740,38 @@ impl Store {
                 }
             }
         }
-        let journal_deleted = if self.opts.journal {
-            tx.prepare_cached("DELETE FROM journal WHERE time_ms < ?1")?
-                .execute(params![journal_before_ms])? as u64
+        let (journal_deleted, released_left) = if self.opts.journal {
+            delete_journal_chunk(&tx, journal_before_ms)?
         } else {
-            0
+            (0, false)
         };
         let outcome = enforce_cap(&tx, &self.opts, now_ms)?;
         tx.commit()?;
+        self.released_left = released_left;
         Ok(CloseOutcome {
             journal_deleted,
             ..outcome
         })
+    }
+
+    /// Whether released journal rows may be left to delete (see
+    /// [`Store::delete_released_journal`]).
+    pub fn released_journal_left(&self) -> bool {
+        self.released_left
+    }
+
+    /// Deletes the next chunk of the journal rows before `journal_before_ms`, which must be the
+    /// current [`crate::window::Windows::journal_horizon`] (not the one of the last close: a
+    /// stream that became active since may need older rows); returns how many.
+    pub fn delete_released_journal(&mut self, journal_before_ms: i64) -> Result<u64, StoreError> {
+        if !self.released_left {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction()?;
+        let (deleted, left) = delete_journal_chunk(&tx, journal_before_ms)?;
+        tx.commit()?;
+        self.released_left = left;
+        Ok(deleted)
     }
 
     /// The next batch to send, at most `max_rows` summaries and about `max_bytes` of bodies
@@ -1186,6 +1249,10 @@ mod tests {
         }
     }
 
+    fn views(rs: &[Reading]) -> impl ExactSizeIterator<Item = ReadingView<'_>> {
+        rs.iter().map(Reading::as_view)
+    }
+
     fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("agent.db"), 3).unwrap();
@@ -1243,11 +1310,11 @@ mod tests {
         let (_dir, mut store) = open();
         let mut ins = Vec::new();
         let rs = [reading("s", 1, 1.0), reading("s", 2, 2.0)];
-        store.commit_ingest(&rs, &[], &[], &mut ins).unwrap();
+        store.commit_ingest(views(&rs), &[], &[], &mut ins).unwrap();
         assert_eq!(ins, vec![true, true]);
         store
             .commit_ingest(
-                &[reading("s", 2, 2.0), reading("s", 3, 3.0)],
+                views(&[reading("s", 2, 2.0), reading("s", 3, 3.0)]),
                 &[],
                 &[],
                 &mut ins,
@@ -1293,7 +1360,7 @@ mod tests {
         let mut ins = Vec::new();
         store
             .commit_ingest(
-                &[reading("s", 10, 1.0), reading("u", 1, 4.0)],
+                views(&[reading("s", 10, 1.0), reading("u", 1, 4.0)]),
                 &[],
                 &[],
                 &mut ins,
@@ -1316,7 +1383,7 @@ mod tests {
         let d = DeadLetter::new(1, "t", "not_json", b"x");
         store
             .commit_ingest(
-                &[reading("s", 1, 1.0), reading("s", 1, 1.0)],
+                views(&[reading("s", 1, 1.0), reading("s", 1, 1.0)]),
                 &[d],
                 &[],
                 &mut ins,
@@ -1326,7 +1393,7 @@ mod tests {
         assert_eq!(store.journal_len().unwrap(), 0);
         assert_eq!(store.dead_letters(10).unwrap().len(), 1);
         let outcome = store
-            .commit_ingest(&[], &[], &[text("door", 1, "open")], &mut ins)
+            .commit_ingest(views(&[]), &[], &[text("door", 1, "open")], &mut ins)
             .unwrap();
         assert_eq!(outcome.stored, 1);
         assert_eq!(store.latest_counts().unwrap(), (1, 1));
@@ -1346,9 +1413,9 @@ mod tests {
                 reading("s", 12, 9.0),
             ];
             let mut ins = Vec::new();
-            store.commit_ingest(&rs, &[], &[], &mut ins).unwrap();
+            store.commit_ingest(views(&rs), &[], &[], &mut ins).unwrap();
             for r in &rs {
-                w.add(r, 0);
+                w.add(r.as_view(), 0);
             }
             let closed = w.advance(0);
             assert_eq!(closed.len(), 1);
@@ -1377,7 +1444,80 @@ mod tests {
         for (s, c) in store.closed_streams().unwrap() {
             w.restore_closed(&s, c);
         }
-        assert_eq!(w.admit(&reading("s", 9, 0.0)), Admission::Late);
+        assert_eq!(w.admit(reading("s", 9, 0.0).as_view()), Admission::Late);
+    }
+
+    #[test]
+    fn released_journal_rows_are_deleted_a_chunk_at_a_time() {
+        let (_dir, mut store) = open();
+        let chunk = JOURNAL_DELETE_CHUNK as usize;
+        // Two and a half chunks released by one close, spread over times 0..: three rows a
+        // millisecond, plus a whole chunk's worth in one millisecond (it still goes, whole).
+        let mut rs: Vec<Reading> = (0..chunk * 5 / 2)
+            .map(|i| reading(&format!("s{}", i % 3), (i / 3) as i64, 1.0))
+            .collect();
+        let crowded = rs.len() as i64;
+        rs.extend((0..chunk + 5).map(|i| reading(&format!("c{i}"), crowded, 2.0)));
+        let kept = [reading("s0", 1_000_000, 3.0), reading("s1", 1_000_001, 4.0)];
+        rs.extend(kept.iter().cloned());
+        let mut ins = Vec::new();
+        store.commit_ingest(views(&rs), &[], &[], &mut ins).unwrap();
+        let total = rs.len() as u64;
+        assert_eq!(store.journal_len().unwrap(), total);
+
+        let first = store
+            .commit_closed(&[closed("s0", 0, false)], 1_000_000, 0)
+            .unwrap()
+            .journal_deleted;
+        assert!(first > 0 && first <= JOURNAL_DELETE_CHUNK as u64, "{first}");
+        let mut deleted = first;
+        let mut calls = 0;
+        loop {
+            let n = store.delete_released_journal(1_000_000).unwrap();
+            if n == 0 {
+                break;
+            }
+            // A chunk, or the crowded millisecond in one go.
+            assert!(n <= chunk as u64 + 5, "{n}");
+            deleted += n;
+            calls += 1;
+        }
+        assert!(calls >= 2, "{calls} calls");
+        assert_eq!(deleted, total - 2);
+        assert_eq!(store.journal_readings().unwrap(), kept.to_vec());
+        // Nothing left: no work, and a later close releases nothing more.
+        assert_eq!(store.delete_released_journal(1_000_000).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_later_chunk_keeps_the_readings_of_a_stream_that_became_active_since_the_close() {
+        let (_dir, mut store) = open();
+        let chunk = JOURNAL_DELETE_CHUNK as usize;
+        let mut ins = Vec::new();
+        let old: Vec<Reading> = (0..chunk * 2)
+            .map(|i| reading("s", 1_000 + i as i64, 1.0))
+            .collect();
+        store
+            .commit_ingest(views(&old), &[], &[], &mut ins)
+            .unwrap();
+        store
+            .commit_closed(&[closed("s", 0, false)], 100_000, 0)
+            .unwrap();
+        assert!(store.released_journal_left());
+        // A new stream's readings from before that horizon: its open window needs them, so the
+        // horizon is now below them.
+        let late = [reading("new", 500, 2.0), reading("new", 600, 3.0)];
+        store
+            .commit_ingest(views(&late), &[], &[], &mut ins)
+            .unwrap();
+        while store.delete_released_journal(500).unwrap() > 0 {}
+        let kept: Vec<Reading> = store
+            .journal_readings()
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.stream == "new")
+            .collect();
+        assert_eq!(kept, late.to_vec());
     }
 
     #[test]
@@ -1565,17 +1705,21 @@ mod tests {
         let (_dir, mut store) = open();
         let mut ins = Vec::new();
         store
-            .commit_ingest(&[reading("s", 0, 0.0)], &[], &[], &mut ins)
+            .commit_ingest(views(&[reading("s", 0, 0.0)]), &[], &[], &mut ins)
             .unwrap();
         // No room to grow: the file stays at its current size.
         store.set_max_db_bytes(Some(1)).unwrap();
         let big: Vec<Reading> = (1..20_000).map(|t| reading("s", t, t as f64)).collect();
-        let err = store.commit_ingest(&big, &[], &[], &mut ins).unwrap_err();
+        let err = store
+            .commit_ingest(views(&big), &[], &[], &mut ins)
+            .unwrap_err();
         assert!(err.is_disk_full(), "{err}");
         // Nothing of the failed batch is there; what was committed before is.
         assert_eq!(store.journal_len().unwrap(), 1);
         store.set_max_db_bytes(None).unwrap();
-        store.commit_ingest(&big, &[], &[], &mut ins).unwrap();
+        store
+            .commit_ingest(views(&big), &[], &[], &mut ins)
+            .unwrap();
         assert_eq!(store.journal_len().unwrap(), 20_000);
     }
 
@@ -1584,7 +1728,7 @@ mod tests {
             let mut store = Store::open(path, 10).unwrap();
             let mut ins = Vec::new();
             let rs: Vec<Reading> = (0..5000).map(|t| reading("s", t, 1.0)).collect();
-            store.commit_ingest(&rs, &[], &[], &mut ins).unwrap();
+            store.commit_ingest(views(&rs), &[], &[], &mut ins).unwrap();
             store
                 .conn
                 .pragma_update(None, "wal_checkpoint", "TRUNCATE")
@@ -1650,7 +1794,9 @@ mod tests {
         let mut ins = Vec::new();
         for i in 0..10 {
             let d = DeadLetter::new(i, "t", "not_json", &vec![b'x'; 10_000]);
-            store.commit_ingest(&[], &[d], &[], &mut ins).unwrap();
+            store
+                .commit_ingest(views(&[]), &[d], &[], &mut ins)
+                .unwrap();
         }
         let kept = store.dead_letters(100).unwrap();
         assert_eq!(kept.len(), 3);
@@ -1697,7 +1843,9 @@ mod tests {
             text("lock", 1, "on"),
             text("fan", 1, "off"), // a third stream: over the cap
         ];
-        let outcome = store.commit_ingest(&[], &[], &batch, &mut ins).unwrap();
+        let outcome = store
+            .commit_ingest(views(&[]), &[], &batch, &mut ins)
+            .unwrap();
         assert_eq!(
             outcome,
             LatestOutcome {
@@ -1724,7 +1872,7 @@ mod tests {
         // A newer door value arrives while the request is in flight: the ack of the old one
         // must not mark the new one as delivered.
         store
-            .commit_ingest(&[], &[], &[text("door", 20, "closed")], &mut ins)
+            .commit_ingest(views(&[]), &[], &[text("door", 20, "closed")], &mut ins)
             .unwrap();
         store.outbox_remove(&sent).unwrap();
         let d = store
@@ -1737,7 +1885,7 @@ mod tests {
         drop(store);
         let mut store = Store::open_with(&path, &opts).unwrap();
         let outcome = store
-            .commit_ingest(&[], &[], &[text("fan", 2, "on")], &mut ins)
+            .commit_ingest(views(&[]), &[], &[text("fan", 2, "on")], &mut ins)
             .unwrap();
         assert_eq!(outcome.refused, 1);
 

@@ -4,8 +4,9 @@
 //!
 //! - [`senml`]: SenML (RFC 8428) labels and an encoder that writes a CBOR record pack into a
 //!   caller's fixed buffer with no allocation: this is what sensor nodes publish.
-//! - [`summary`] (feature `alloc`): [`Reading`], [`WindowSummary`] and its deterministic
-//!   [`SummaryId`], plus the validation the receiver applies to every record.
+//! - [`summary`] (feature `alloc`): [`Reading`] (and [`ReadingView`], the same borrowed),
+//!   [`WindowSummary`] and its deterministic [`SummaryId`], plus the validation the receiver
+//!   applies to every record.
 //! - [`latest`] (feature `alloc`): [`LatestValue`], the newest text, boolean or data value of a
 //!   stream that has no numbers to aggregate.
 //! - [`batch`] (feature `alloc`): the versioned [`Batch`] the agent posts to `/v1/ingest`.
@@ -36,4 +37,6 @@ pub use batch::{BATCH_VERSION, Batch, BatchError, Gap};
 #[cfg(feature = "alloc")]
 pub use latest::{InvalidLatest, LatestValue, StateValue};
 #[cfg(feature = "alloc")]
-pub use summary::{InvalidSummary, Quantiles, Reading, Score, SummaryId, WindowSummary};
+pub use summary::{
+    InvalidSummary, Quantiles, Reading, ReadingView, Score, SummaryId, WindowSummary,
+};

@@ -20,6 +20,29 @@ pub struct Reading {
     pub unit: Option<String>,
 }
 
+impl Reading {
+    /// The same reading, borrowed.
+    pub fn as_view(&self) -> ReadingView<'_> {
+        ReadingView {
+            stream: &self.stream,
+            time_ms: self.time_ms,
+            value: self.value,
+            unit: self.unit.as_deref(),
+        }
+    }
+}
+
+/// A [`Reading`] that borrows its stream and unit, for code that only looks at readings (the
+/// agent's windows and journal): a hot path can hand them out without a `String` per reading.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadingView<'a> {
+    pub stream: &'a str,
+    /// Event time, milliseconds since the Unix epoch.
+    pub time_ms: i64,
+    pub value: f64,
+    pub unit: Option<&'a str>,
+}
+
 /// Statistics of one stream over one event-time window `[window_start_ms, window_end_ms)`.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 #[cbor(map)]

@@ -74,20 +74,48 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr, filtered by `RUST_LOG` (`level` or `target=level`, comma-separated, e.g.
+/// `info,edgewise_agent::sync=debug`) or else by `default`. The filter is
+/// `tracing_subscriber::filter::Targets`, not `EnvFilter`: it covers those directives without
+/// linking a regex engine into the gateway binary. A `RUST_LOG` it cannot parse is reported and
+/// the default is used.
 fn init_logging(default: &str) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.parse::<Targets>().map_err(|e| (v, e)));
+    let mut unusable = None;
+    let filter = match from_env {
+        Some(Ok(filter)) => filter,
+        other => {
+            if let Some(Err((value, e))) = other {
+                unusable = Some(format!("RUST_LOG={value:?} is not a log filter ({e})"));
+            }
+            // `default` is one of this file's constants.
+            default
+                .parse::<Targets>()
+                .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
+        }
+    };
     // Under systemd the journal adds the time and cannot show colours.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(!journal && std::io::stderr().is_terminal());
     if journal {
-        logs.without_time().init();
+        tracing_subscriber::registry()
+            .with(logs.without_time().with_filter(filter))
+            .init();
     } else {
-        logs.init();
+        tracing_subscriber::registry()
+            .with(logs.with_filter(filter))
+            .init();
+    }
+    if let Some(problem) = unusable {
+        tracing::warn!("{problem}; using {default:?}");
     }
 }
 

@@ -68,6 +68,14 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     /// Trust and client certificate for `mqtts://`.
     pub tls: TlsConfig,
+    /// The broker's limit on QoS 1 messages sent to this client and not yet acknowledged
+    /// (Mosquitto: `max_inflight_messages`; rumqttd, the embedded broker: 100, a constant of
+    /// rumqttd 0.20 that also applies to QoS 0 messages on a QoS 1 subscription). The agent acks
+    /// a message only after its journal commit, so once that many wait for the commit the broker
+    /// sends nothing more: the batch then commits at once instead of waiting out
+    /// `ingest.commit_interval_ms`. A limit set too high only costs that wait; one set too low
+    /// only makes commits smaller. 0: never commit early.
+    pub broker_max_inflight: usize,
 }
 
 impl Default for MqttConfig {
@@ -83,6 +91,7 @@ impl Default for MqttConfig {
             password: None,
             password_file: None,
             tls: TlsConfig::default(),
+            broker_max_inflight: 100,
         }
     }
 }

@@ -6,7 +6,8 @@
 //!   channel. A full channel stops the polling: the broker then holds the messages (backpressure),
 //!   memory does not grow.
 //! - [`run_pipeline`] takes messages in batches (up to `commit_max_messages`, or what arrived
-//!   within `commit_interval_ms` of the first), runs [`Pipeline::ingest`] on the blocking pool,
+//!   within `commit_interval_ms` of the first, or as soon as the broker's in-flight limit of
+//!   unacked QoS 1 messages is reached), runs [`Pipeline::ingest`] on the blocking pool,
 //!   and only after the commit acks the batch's messages, in the order received. It also closes
 //!   due windows on a timer and wakes the uploader.
 //!
@@ -175,6 +176,10 @@ pub fn wall_ms() -> i64 {
 pub struct BatchPolicy {
     pub max_messages: usize,
     pub max_wait: Duration,
+    /// Commit as soon as this many QoS 1/2 messages wait for their ack: the broker's in-flight
+    /// limit (`mqtt.broker_max_inflight`), past which it sends nothing until they are acked.
+    /// 0: no such limit known.
+    pub max_unacked: usize,
     /// How often due windows are closed when no message arrives.
     pub tick: Duration,
 }
@@ -185,8 +190,39 @@ impl BatchPolicy {
         BatchPolicy {
             max_messages: cfg.ingest.commit_max_messages,
             max_wait: cfg.commit_interval(),
+            max_unacked: cfg.mqtt.broker_max_inflight,
             tick: (idle / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
         }
+    }
+
+    fn full(&self, batch: &[Publish], unacked: usize) -> bool {
+        batch.len() >= self.max_messages || (self.max_unacked > 0 && unacked >= self.max_unacked)
+    }
+}
+
+/// Fills `batch`, which holds the batch's first message, until it is [`BatchPolicy::full`] or
+/// `policy.max_wait` has passed since that first message (or the channel closed).
+async fn fill_batch(
+    rx: &mut mpsc::Receiver<Publish>,
+    batch: &mut Vec<Publish>,
+    policy: &BatchPolicy,
+) {
+    let needs_ack = |p: &Publish| p.qos != QoS::AtMostOnce;
+    let mut unacked = batch.iter().filter(|p| needs_ack(p)).count();
+    let deadline = Instant::now() + policy.max_wait;
+    while !policy.full(batch, unacked) {
+        let next = match rx.try_recv() {
+            Ok(p) => p,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => p,
+                    _ => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
+        unacked += usize::from(needs_ack(&next));
+        batch.push(next);
     }
 }
 
@@ -218,19 +254,7 @@ pub async fn run_pipeline(
                 _ = shutdown.changed() => return,
             }
             if !batch.is_empty() {
-                let deadline = Instant::now() + policy.max_wait;
-                while batch.len() < policy.max_messages {
-                    match rx.try_recv() {
-                        Ok(p) => batch.push(p),
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                                Ok(Some(p)) => batch.push(p),
-                                _ => break,
-                            }
-                        }
-                        Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    }
-                }
+                fill_batch(&mut rx, &mut batch, &policy).await;
             }
         }
 
@@ -290,5 +314,69 @@ pub async fn run_pipeline(
                 tracing::error!(error = %e, "closing windows failed; will retry");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max_messages: usize, max_unacked: usize, max_wait: Duration) -> BatchPolicy {
+        BatchPolicy {
+            max_messages,
+            max_wait,
+            max_unacked,
+            tick: Duration::from_secs(1),
+        }
+    }
+
+    fn publish(qos: QoS) -> Publish {
+        Publish::new("sensors/n1", qos, vec![1u8, 2, 3])
+    }
+
+    /// Fills a batch from a channel holding `queued` (the sender stays open, so only the policy
+    /// can end the batch early); `None` if it did not end within 10 s.
+    async fn fill(queued: Vec<Publish>, policy: BatchPolicy) -> Option<Vec<Publish>> {
+        let (tx, mut rx) = mpsc::channel(queued.len() + 1);
+        for p in queued {
+            tx.send(p).await.unwrap();
+        }
+        let mut batch = vec![rx.recv().await.unwrap()];
+        let filled = fill_batch(&mut rx, &mut batch, &policy);
+        let done = tokio::time::timeout(Duration::from_secs(10), filled).await;
+        drop(tx);
+        done.ok().map(|()| batch)
+    }
+
+    #[tokio::test]
+    async fn a_batch_commits_when_the_brokers_in_flight_limit_is_reached() {
+        // 99 QoS 1, then QoS 0 ones (not counted: the broker needs no ack for them), then the
+        // 100th QoS 1: the batch ends there, long before its hour is up.
+        let mut queued: Vec<Publish> = (0..99).map(|_| publish(QoS::AtLeastOnce)).collect();
+        queued.extend((0..20).map(|_| publish(QoS::AtMostOnce)));
+        queued.extend((0..5).map(|_| publish(QoS::AtLeastOnce)));
+        let batch = fill(queued, policy(1000, 100, Duration::from_secs(3600)))
+            .await
+            .expect("the batch ended at the in-flight limit");
+        assert_eq!(batch.len(), 120);
+        assert_eq!(
+            batch.iter().filter(|p| p.qos == QoS::AtLeastOnce).count(),
+            100
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_known_limit_a_batch_waits_for_its_interval_or_its_size() {
+        let queued: Vec<Publish> = (0..150).map(|_| publish(QoS::AtLeastOnce)).collect();
+        // No limit: all 150 queued messages, then the 50 ms interval ends the batch.
+        let batch = fill(queued.clone(), policy(1000, 0, Duration::from_millis(50)));
+        assert_eq!(batch.await.map(|b| b.len()), Some(150));
+        // QoS 0 only: the limit never applies.
+        let qos0: Vec<Publish> = (0..150).map(|_| publish(QoS::AtMostOnce)).collect();
+        let batch = fill(qos0, policy(1000, 100, Duration::from_millis(50)));
+        assert_eq!(batch.await.map(|b| b.len()), Some(150));
+        // The size limit still applies first.
+        let batch = fill(queued, policy(40, 100, Duration::from_secs(3600)));
+        assert_eq!(batch.await.map(|b| b.len()), Some(40));
     }
 }

@@ -70,6 +70,10 @@ struct Args {
     /// The agent's `ingest.commit_max_messages`.
     #[arg(long, default_value_t = 1000)]
     commit_max_messages: usize,
+    /// The agent's `mqtt.broker_max_inflight` (commit as soon as this many QoS 1 messages wait
+    /// for their ack; 0: never early).
+    #[arg(long, default_value_t = 100)]
+    broker_max_inflight: usize,
     /// The agent's `window.window_seconds`.
     #[arg(long, default_value_t = 10)]
     window_seconds: u64,
@@ -230,6 +234,7 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
         window_seconds: args.window_seconds,
         commit_interval_ms: args.commit_interval_ms,
         commit_max_messages: args.commit_max_messages,
+        broker_max_inflight: args.broker_max_inflight,
         run_id,
     };
 
@@ -423,6 +428,7 @@ fn write_json(args: &Args, cases: &[CaseResult], elapsed: Duration) -> anyhow::R
             "mosquitto_options": args.mosquitto_option,
             "commit_interval_ms": args.commit_interval_ms,
             "commit_max_messages": args.commit_max_messages,
+            "broker_max_inflight": args.broker_max_inflight,
             "window_seconds": args.window_seconds,
         },
         "cases": cases,

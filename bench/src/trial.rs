@@ -43,6 +43,7 @@ pub struct Env {
     pub window_seconds: u64,
     pub commit_interval_ms: u64,
     pub commit_max_messages: usize,
+    pub broker_max_inflight: usize,
     pub run_id: String,
 }
 
@@ -501,6 +502,7 @@ fn agent_config(
 url = "mqtt://{broker}"
 client_id = "{agent_id}"
 topics = ["{filter}"]
+broker_max_inflight = {broker_max_inflight}
 [ingest]
 commit_interval_ms = {commit_interval_ms}
 commit_max_messages = {commit_max_messages}
@@ -532,6 +534,7 @@ streams = ["+/temperature"]
 "#,
         commit_interval_ms = env.commit_interval_ms,
         commit_max_messages = env.commit_max_messages,
+        broker_max_inflight = env.broker_max_inflight,
         db = dir.join("agent.db").display(),
         window_seconds = env.window_seconds,
         cloud = env.cloud_addr,

@@ -54,16 +54,22 @@ enum Command {
     Demo(edgewise_agent::demo::DemoArgs),
 }
 
+/// Default log filters (when `RUST_LOG` is unset), by command.
+const LOG_RUN: &str = "info";
+/// The demo's outage makes uploads fail on purpose, and rumqttd logs every client that leaves:
+/// the report says what matters. RUST_LOG still overrides this.
+#[cfg_attr(not(feature = "demo"), allow(dead_code))]
+const LOG_DEMO: &str = "error,rumqttd=off,edgewise_agent::sync=off";
+const LOG_OTHER: &str = "warn";
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     init_logging(match cli.command {
-        Command::Run { .. } => "info",
-        // The demo's outage makes uploads fail on purpose, and rumqttd logs every client that
-        // leaves: the report says what matters. RUST_LOG still overrides this.
+        Command::Run { .. } => LOG_RUN,
         #[cfg(feature = "demo")]
-        Command::Demo(_) => "error,rumqttd=off,edgewise_agent::sync=off",
-        _ => "warn",
+        Command::Demo(_) => LOG_DEMO,
+        _ => LOG_OTHER,
     });
     match run(cli.command, started) {
         Ok(code) => code,
@@ -74,32 +80,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (`level` or `target=level`, comma-separated, e.g.
-/// `info,edgewise_agent::sync=debug`) or else by `default`. The filter is
-/// `tracing_subscriber::filter::Targets`, not `EnvFilter`: it covers those directives without
-/// linking a regex engine into the gateway binary. A `RUST_LOG` it cannot parse is reported and
-/// the default is used.
+/// Logs to stderr, filtered by `RUST_LOG` or else by `default` (see [`log_filter`]).
 fn init_logging(default: &str) {
     use std::io::IsTerminal;
-    use tracing_subscriber::filter::Targets;
     use tracing_subscriber::prelude::*;
-    let from_env = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .map(|v| v.parse::<Targets>().map_err(|e| (v, e)));
-    let mut unusable = None;
-    let filter = match from_env {
-        Some(Ok(filter)) => filter,
-        other => {
-            if let Some(Err((value, e))) = other {
-                unusable = Some(format!("RUST_LOG={value:?} is not a log filter ({e})"));
-            }
-            // `default` is one of this file's constants.
-            default
-                .parse::<Targets>()
-                .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
-        }
-    };
+    let (filter, unusable) = log_filter(std::env::var("RUST_LOG").ok().as_deref(), default);
     // Under systemd the journal adds the time and cannot show colours.
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let logs = tracing_subscriber::fmt::layer()
@@ -116,6 +101,33 @@ fn init_logging(default: &str) {
     }
     if let Some(problem) = unusable {
         tracing::warn!("{problem}; using {default:?}");
+    }
+}
+
+/// The log filter for `RUST_LOG` (`level` or `target=level`, comma-separated, e.g.
+/// `info,edgewise_agent::sync=debug`), or `default` when it is unset, empty or unusable (then with
+/// the reason). `tracing_subscriber::filter::Targets`, not `EnvFilter`: it covers those
+/// directives without linking a regex engine into the gateway binary.
+fn log_filter(
+    rust_log: Option<&str>,
+    default: &str,
+) -> (tracing_subscriber::filter::Targets, Option<String>) {
+    use tracing_subscriber::filter::Targets;
+    let fallback = || {
+        // `default` is one of this file's constants, which the tests parse.
+        default
+            .parse::<Targets>()
+            .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
+    };
+    match rust_log.filter(|v| !v.trim().is_empty()) {
+        None => (fallback(), None),
+        Some(v) => match v.parse::<Targets>() {
+            Ok(filter) => (filter, None),
+            Err(e) => (
+                fallback(),
+                Some(format!("RUST_LOG={v:?} is not a log filter ({e})")),
+            ),
+        },
     }
 }
 
@@ -349,5 +361,39 @@ async fn healthz_ok(addr: std::net::SocketAddr) -> std::io::Result<()> {
             "unexpected answer {:?}",
             String::from_utf8_lossy(&head)
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::level_filters::LevelFilter;
+
+    #[test]
+    fn rust_log_overrides_the_default_and_an_unusable_one_is_reported() {
+        for default in [LOG_RUN, LOG_DEMO, LOG_OTHER] {
+            assert!(
+                default
+                    .parse::<tracing_subscriber::filter::Targets>()
+                    .is_ok()
+            );
+        }
+        let (f, problem) = log_filter(Some("warn,edgewise_agent::sync=debug"), LOG_RUN);
+        assert!(problem.is_none());
+        assert_eq!(f.default_level(), Some(LevelFilter::WARN));
+        assert!(f.would_enable("edgewise_agent::sync", &tracing::Level::DEBUG));
+        for unset in [None, Some(""), Some("  ")] {
+            let (f, problem) = log_filter(unset, LOG_RUN);
+            assert!(problem.is_none());
+            assert_eq!(f.default_level(), Some(LevelFilter::INFO));
+        }
+        let (f, problem) = log_filter(Some("edgewise_agent=bogus"), LOG_DEMO);
+        let problem = problem.expect("reported");
+        assert!(
+            problem.contains("RUST_LOG=\"edgewise_agent=bogus\""),
+            "{problem}"
+        );
+        assert_eq!(f.default_level(), Some(LevelFilter::ERROR));
+        assert!(!f.would_enable("rumqttd", &tracing::Level::ERROR));
     }
 }

@@ -33,13 +33,12 @@ def guest_base(log_path):
     return int(m[1], 16)
 
 
-def guest_ranges(log_path):
+def guest_ranges(log_path, base):
     """The guest's host address ranges from the last page-layout dump in qemu's log."""
-    base = guest_base(log_path)
     with open(log_path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        # The last dump is near the end; read more if it is longer than the tail read.
+        size = f.seek(0, os.SEEK_END)
+        # The last dump is near the end; read more if it is longer than the tail read. (The log
+        # starts with qemu's own lines, never with a dump's header.)
         tail = 1 << 16
         while True:
             f.seek(max(0, size - tail))
@@ -48,11 +47,10 @@ def guest_ranges(log_path):
             if header >= 0 or tail >= size:
                 break
             tail *= 4
-    if header < 0 and not text.startswith("start "):
+    if header < 0:
         raise ValueError(f"{log_path}: no page layout (was qemu started with -d page -D?)")
-    block = text[header + 1 :] if header >= 0 else text
     ranges = []
-    for line in block.splitlines()[1:]:
+    for line in text[header + 1 :].splitlines()[1:]:
         m = RANGE.match(line.strip())
         if not m:
             break
@@ -62,8 +60,8 @@ def guest_ranges(log_path):
     return ranges
 
 
-def guest_rss_kib(pid, log_path):
-    ranges = guest_ranges(log_path)
+def guest_rss_kib(pid, log_path, base):
+    ranges = guest_ranges(log_path, base)
     total = 0
     inside = False
     with open(f"/proc/{pid}/smaps") as f:
@@ -85,21 +83,23 @@ def main():
     p.add_argument("--out", help="with --watch: file rewritten with 'peak current' (KiB)")
     a = p.parse_args()
     if a.watch is None:
-        print(guest_rss_kib(a.pid, a.log))
+        print(guest_rss_kib(a.pid, a.log, guest_base(a.log)))
         return 0
+    base = None  # read once: qemu logs it when it starts
     peak = 0
     while True:
+        now = None
         try:
-            now = guest_rss_kib(a.pid, a.log)
+            if base is None:
+                base = guest_base(a.log)
+            now = guest_rss_kib(a.pid, a.log, base)
         except FileNotFoundError:  # the process ended (or its log is not there yet)
             if not os.path.exists(f"/proc/{a.pid}"):
                 return 0
-            now = None
         except ProcessLookupError:
             return 0
-        except ValueError as e:  # qemu has not logged its layout yet
+        except ValueError as e:  # qemu has not logged its base or layout yet
             print(f"qemu-guest-rss: {e}", file=sys.stderr)
-            now = None
         if now is not None:
             peak = max(peak, now)
             if a.out:

@@ -3,9 +3,9 @@
 //! `cargo bench -p edgewise-agent --bench memory` (a plain binary, no criterion). Runs the
 //! `common` workload (SenML CBOR, 10 readings per message) over 10,000 streams for 60 s of event
 //! time (each stream's window closes 6 times), each message encoded when it is sent into one
-//! reused buffer (an agent holds the message it decodes, not one per stream), then prints the process's peak resident set
-//! (`VmHWM` from /proc/self/status) next to the baseline measured in the same run before any
-//! stream existed (the binary and its allocator), and the heap
+//! reused buffer (an agent holds the message it decodes, not one per stream), then prints the
+//! process's peak resident set (`VmHWM` from /proc/self/status) next to the baseline measured in
+//! the same run before any stream existed (the binary and its allocator), and the heap
 //! allocations per reading in the steady state (a counting global allocator). Target: peak under
 //! 16 MiB. `EDGEWISE_BENCH_QUANTILES=1` adds a DDSketch per window. Exit status 1 if the peak is
 //! over the target (a debug build, as `cargo test --bench memory` makes in CI, checks the peak

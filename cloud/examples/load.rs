@@ -25,7 +25,7 @@
 //! the machine (other processes). All of them share this machine's cores, so the figures are a
 //! lower bound for a dedicated receiver host.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -391,7 +391,7 @@ async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<
         workers.push(client_rt.spawn(async move {
             let mut latencies_us: Vec<u32> = Vec::new();
             // Failed requests by what came back: an HTTP status, or `transport`.
-            let mut errors: HashMap<String, u64> = HashMap::new();
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
             let mut i = 0;
             while Instant::now() < deadline {
                 let k = i % mine.len();
@@ -419,7 +419,7 @@ async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<
         }));
     }
     let mut latencies = Vec::new();
-    let mut errors: HashMap<String, u64> = HashMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for w in workers {
         let (l, e) = w.await?;
         latencies.extend(l);
@@ -427,19 +427,15 @@ async fn run(args: &Args, client_rt: &tokio::runtime::Handle) -> anyhow::Result<
             *errors.entry(kind).or_default() += n;
         }
     }
-    let mut error_kinds: Vec<_> = errors.iter().collect();
-    error_kinds.sort();
-    let errors_text = match error_kinds.as_slice() {
-        [] => "0 errors".to_owned(),
-        kinds => format!(
+    let errors_text = if errors.is_empty() {
+        "0 errors".to_owned()
+    } else {
+        let kinds: Vec<String> = errors.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+        format!(
             "{} errors: {}",
             errors.values().sum::<u64>(),
-            kinds
-                .iter()
-                .map(|(k, n)| format!("{k} x{n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+            kinds.join(", ")
+        )
     };
     let elapsed = started.elapsed().as_secs_f64();
     let after = CpuMark::now(pg_db);

@@ -164,21 +164,25 @@ impl Run {
     /// Like [`Run::with_quantiles`], but each message is encoded when it is sent instead of
     /// all of them up front, so the process holds one message, as an agent does.
     pub fn generated(format: Format, streams: usize, quantiles: bool) -> Run {
-        let mut run = Run::with_quantiles_from(format, streams, quantiles, false);
-        run.source = Source::Generated {
+        let source = Source::Generated {
             format,
             topic: String::new(),
             payload: Vec::new(),
         };
-        run
+        Run::build(format, streams, quantiles, source)
     }
 
     /// With `quantiles`, every window also keeps a DDSketch (1% error bound).
     pub fn with_quantiles(format: Format, streams: usize, quantiles: bool) -> Run {
-        Run::with_quantiles_from(format, streams, quantiles, true)
+        Run::build(
+            format,
+            streams,
+            quantiles,
+            Source::Stored(messages(format, streams)),
+        )
     }
 
-    fn with_quantiles_from(format: Format, streams: usize, quantiles: bool, stored: bool) -> Run {
+    fn build(format: Format, streams: usize, quantiles: bool, source: Source) -> Run {
         let filter = Filter::build(
             &[FilterConfig {
                 stream: "+/temperature".into(),
@@ -195,11 +199,7 @@ impl Run {
             ..WindowSpec::tumbling(10_000, 1_000, 600_000)
         };
         Run {
-            source: Source::Stored(if stored {
-                messages(format, streams)
-            } else {
-                Vec::new()
-            }),
+            source,
             streams,
             format: format.payload_format(),
             decoder: PayloadDecoder::new(DecodeLimits::default()),

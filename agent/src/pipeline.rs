@@ -27,7 +27,7 @@ use crate::decode::{DecodeLimits, PayloadDecoder, TopicFormats, Value};
 use crate::filter::{DeadLetterSampler, Filter};
 use crate::metrics::Metrics;
 use crate::store::{DeadLetter, Store, StoreError, StoreOptions};
-use crate::window::{Admission, ClosedWindow, WindowSpec, Windows};
+use crate::window::{Admission, ClosedWindow, StreamSet, WindowSpec, Windows};
 
 /// One MQTT message, as the pipeline sees it.
 pub struct Message<'a> {
@@ -49,7 +49,7 @@ pub struct Pipeline {
     accepted: ReadingArena,
     inserted: Vec<bool>,
     /// Streams of the batch in hand that will become active, counted against `max_streams`.
-    new_streams: std::collections::HashSet<String, foldhash::fast::RandomState>,
+    new_streams: StreamSet,
     /// Journal-less mode only: closed windows whose outbox commit failed, retried first.
     pending_closed: Vec<ClosedWindow>,
     journal_enabled: bool,

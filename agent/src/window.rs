@@ -395,6 +395,9 @@ impl ClosedWindow {
 /// precomputed; the stream cap bounds the map anyway.
 pub type StreamMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomState>;
 
+/// A set of stream names, hashed as [`StreamMap`].
+pub type StreamSet = std::collections::HashSet<String, foldhash::fast::RandomState>;
+
 /// All streams' windows.
 pub struct Windows {
     agent_id: String,

@@ -1,6 +1,6 @@
 //! CPU time and peak memory of a process, read from Linux's `/proc/<pid>/stat` and `status`.
 //!
-//! Pure parsers ([`parse_cpu_ticks`], [`parse_peak_rss_kib`]) plus [`ProcessUsage::read`], which
+//! Pure parsers ([`parse_cpu_ticks`], [`status_kib`]) plus [`ProcessUsage::read`], which
 //! reads both files of a live process. Tested below on fixed text and on this process itself.
 
 use std::path::PathBuf;
@@ -12,6 +12,10 @@ pub struct ProcessUsage {
     pub cpu_seconds: f64,
     /// Peak resident set size (`VmHWM`), in KiB.
     pub peak_rss_kib: u64,
+    /// Resident now, file-backed (`RssFile`: the binary's and libraries' pages), in KiB.
+    pub rss_file_kib: u64,
+    /// Resident now, anonymous (`RssAnon`: heap, stacks), in KiB.
+    pub rss_anon_kib: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +41,17 @@ impl ProcessUsage {
             })
         };
         let ticks = parse_cpu_ticks(&read(&stat)?).ok_or(ProcError::Format { path: stat })?;
-        let peak_rss_kib =
-            parse_peak_rss_kib(&read(&status)?).ok_or(ProcError::Format { path: status })?;
+        let text = read(&status)?;
+        let kib = |key: &str| {
+            status_kib(&text, key).ok_or(ProcError::Format {
+                path: status.clone(),
+            })
+        };
         Ok(ProcessUsage {
             cpu_seconds: ticks as f64 / ticks_per_second.max(1) as f64,
-            peak_rss_kib,
+            peak_rss_kib: kib("VmHWM")?,
+            rss_file_kib: kib("RssFile")?,
+            rss_anon_kib: kib("RssAnon")?,
         })
     }
 }
@@ -57,10 +67,12 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// The `VmHWM` line of `/proc/<pid>/status`, in KiB.
-pub fn parse_peak_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let mut parts = line["VmHWM:".len()..].split_whitespace();
+/// A `<key>: <n> kB` line of `/proc/<pid>/status` (`VmHWM`, `RssFile`, ...), in KiB.
+pub fn status_kib(status: &str, key: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
+    let mut parts = line[key.len() + 1..].split_whitespace();
     let value: u64 = parts.next()?.parse().ok()?;
     (parts.next()? == "kB").then_some(value)
 }
@@ -91,11 +103,15 @@ mod tests {
     }
 
     #[test]
-    fn peak_rss_is_the_vmhwm_line() {
-        let status = "Name:\tagent\nVmPeak:\t  20000 kB\nVmHWM:\t    9876 kB\nVmRSS:\t 9000 kB\n";
-        assert_eq!(parse_peak_rss_kib(status), Some(9876));
-        assert_eq!(parse_peak_rss_kib("VmHWM:\t12 MB\n"), None);
-        assert_eq!(parse_peak_rss_kib("Name:\tx\n"), None);
+    fn status_values_are_read_by_key_in_kib() {
+        let status = "Name:\tagent\nVmPeak:\t  20000 kB\nVmHWM:\t    9876 kB\nVmRSS:\t 9000 kB\n\
+                      RssAnon:\t    2000 kB\nRssFile:\t    7000 kB\n";
+        assert_eq!(status_kib(status, "VmHWM"), Some(9876));
+        assert_eq!(status_kib(status, "RssFile"), Some(7000));
+        assert_eq!(status_kib(status, "RssAnon"), Some(2000));
+        assert_eq!(status_kib(status, "Rss"), None, "a key is matched whole");
+        assert_eq!(status_kib("VmHWM:\t12 MB\n", "VmHWM"), None);
+        assert_eq!(status_kib("Name:\tx\n", "VmHWM"), None);
     }
 
     #[test]
@@ -108,6 +124,7 @@ mod tests {
         assert_ne!(x, 1);
         let u = ProcessUsage::read(std::process::id(), clock_ticks_per_second()).unwrap();
         assert!(u.peak_rss_kib > 100, "{u:?}");
+        assert!(u.rss_file_kib > 0 && u.rss_anon_kib > 0, "{u:?}");
         assert!(u.cpu_seconds > 0.0, "{u:?}");
         assert!(ProcessUsage::read(u32::MAX, 100).is_err());
     }

@@ -47,6 +47,10 @@ pub struct StepResult {
     pub cpu_seconds: Option<f64>,
     pub cpu_cores: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// Agent only, at the end of the step: resident file-backed pages (the binary's code and
+    /// read-only data, the shared libraries) and anonymous ones (heap, stacks), in MiB.
+    pub rss_file_mib: Option<f64>,
+    pub rss_anon_mib: Option<f64>,
     pub sustained: bool,
     /// Why the step failed, or `ok`.
     pub verdict: String,
@@ -97,10 +101,20 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
 }
 
+/// `29.8 MiB (file 24.4, anon 5.4)`: peak, then what was resident at the end of the step.
+fn rss(s: &StepResult) -> String {
+    match (s.peak_rss_mib, s.rss_file_mib, s.rss_anon_mib) {
+        (Some(peak), Some(file), Some(anon)) => {
+            format!("{peak:>6.1} MiB (file {file:.1}, anon {anon:.1})")
+        }
+        _ => "     -".into(),
+    }
+}
+
 /// One line per step, as the run goes.
 pub fn step_line(s: &StepResult) -> String {
     format!(
-        "  {:<10} {:<7} target {:>8.0}/s achieved {:>8.0}/s received {:>9}/{:<9} catch-up {:>6} cpu {:>5} cores rss {:>6} MiB  {}",
+        "  {:<10} {:<7} target {:>8.0}/s achieved {:>8.0}/s received {:>9}/{:<9} catch-up {:>6} cpu {:>5} cores rss {}  {}",
         format!("{:?}", s.consumer).to_lowercase(),
         s.phase,
         s.target_rate,
@@ -110,7 +124,7 @@ pub fn step_line(s: &StepResult) -> String {
         s.catch_up_ms
             .map_or_else(|| "never".into(), |ms| format!("{ms}ms")),
         opt(s.cpu_cores, 2),
-        opt(s.peak_rss_mib, 1),
+        rss(s),
         s.verdict
     )
 }
@@ -118,13 +132,13 @@ pub fn step_line(s: &StepResult) -> String {
 /// The summary table of a run.
 pub fn table(cases: &[CaseResult]) -> String {
     let mut out = String::from(
-        "broker     qos sensors  ceiling msg/s  agent msg/s  ratio  agent cpu cores  peak RSS MiB\n",
+        "broker     qos sensors  ceiling msg/s  agent msg/s  ratio  agent cpu cores  peak RSS MiB  file+anon MiB\n",
     );
     for c in cases {
         let rate = |s: &Option<StepResult>| opt(s.as_ref().map(|s| s.achieved_rate), 0);
         let agent = c.agent.as_ref();
         out.push_str(&format!(
-            "{:<10} {:>3} {:>7}  {:>13}  {:>11}  {:>5}  {:>15}  {:>12}\n",
+            "{:<10} {:>3} {:>7}  {:>13}  {:>11}  {:>5}  {:>15}  {:>12}  {:>13}\n",
             c.broker,
             c.qos,
             c.sensors,
@@ -134,6 +148,10 @@ pub fn table(cases: &[CaseResult]) -> String {
                 .map_or_else(|| "-".into(), |r| format!("{:.0}%", r * 100.0)),
             opt(agent.and_then(|a| a.cpu_cores), 2),
             opt(agent.and_then(|a| a.peak_rss_mib), 1),
+            match agent.map(|a| (a.rss_file_mib, a.rss_anon_mib)) {
+                Some((Some(file), Some(anon))) => format!("{file:.1}+{anon:.1}"),
+                _ => "-".into(),
+            },
         ));
     }
     out
@@ -167,6 +185,8 @@ mod tests {
             cpu_seconds: Some(6.0),
             cpu_cores: Some(0.2),
             peak_rss_mib: Some(9.5),
+            rss_file_mib: Some(6.0),
+            rss_anon_mib: Some(3.0),
             sustained,
             verdict: "ok".into(),
         }
@@ -186,9 +206,21 @@ mod tests {
         assert_eq!(c.ceiling.as_ref().unwrap().achieved_rate, 20_000.0);
         assert_eq!(c.agent.as_ref().unwrap().achieved_rate, 18_000.0);
         assert!((c.ratio.unwrap() - 0.9).abs() < 1e-9);
+        let line = step_line(c.agent.as_ref().unwrap());
+        assert!(
+            line.contains("rss    9.5 MiB (file 6.0, anon 3.0)"),
+            "{line}"
+        );
+        let mut counter = step(Subscriber, "confirm", 20_000.0, true);
+        counter.peak_rss_mib = None;
+        let line = step_line(&counter);
+        assert!(line.contains("rss      -  ok"), "{line}");
         let t = table(&[c]);
         assert!(
-            t.contains("20000") && t.contains("18000") && t.contains("90%"),
+            t.contains("20000")
+                && t.contains("18000")
+                && t.contains("90%")
+                && t.contains("6.0+3.0"),
             "{t}"
         );
         let none = CaseResult::new(

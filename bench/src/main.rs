@@ -374,7 +374,14 @@ async fn find(
     let mut best = None;
     if !args.rates.is_empty() {
         for &rate in &args.rates {
-            if let Some(r) = run(quantize(rate), args.step_seconds, "confirm").await
+            let runs_at = quantize(rate);
+            if (runs_at - rate).abs() > 0.01 * rate {
+                println!(
+                    "  --rates {rate:.0}: {} sensors publish at whole-millisecond intervals; the nearest rate is {runs_at:.0}/s",
+                    step.sensors
+                );
+            }
+            if let Some(r) = run(runs_at, args.step_seconds, "confirm").await
                 && r.sustained
             {
                 best = Some(best.map_or(r.achieved_rate, |b: f64| b.max(r.achieved_rate)));

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use edgewise_bench::mosquitto::{MACHINE_CONFIG, Mosquitto};
 use edgewise_bench::report::{CaseResult, ConsumerKind, StepResult, step_line, table};
-use edgewise_bench::search::{Search, sim_interval, step_down};
+use edgewise_bench::search::{Search, sim_interval, step_down, unreachable_rates};
 use edgewise_bench::trial::{Env, Step, run_step};
 use edgewise_cloud::{Receiver, ServerConfig, Store as CloudStore};
 
@@ -107,6 +107,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     edgewise_agent::install_crypto_provider();
     check(&args)?;
+    for note in unreachable_rates(&args.sensors, &args.rates) {
+        println!("{note}");
+    }
     let agent_bin = match &args.agent_bin {
         Some(p) => p.clone(),
         None => build_agent()?,
@@ -374,14 +377,7 @@ async fn find(
     let mut best = None;
     if !args.rates.is_empty() {
         for &rate in &args.rates {
-            let runs_at = quantize(rate);
-            if (runs_at - rate).abs() > 0.01 * rate {
-                println!(
-                    "  --rates {rate:.0}: {} sensors publish at whole-millisecond intervals; the nearest rate is {runs_at:.0}/s",
-                    step.sensors
-                );
-            }
-            if let Some(r) = run(runs_at, args.step_seconds, "confirm").await
+            if let Some(r) = run(quantize(rate), args.step_seconds, "confirm").await
                 && r.sustained
             {
                 best = Some(best.map_or(r.achieved_rate, |b: f64| b.max(r.achieved_rate)));

@@ -1,6 +1,7 @@
 //! What a run measured: one [`StepResult`] per load step, one [`CaseResult`] per broker, QoS
 //! and fleet size, the printed table and the JSON file. Pure formatting; tested below.
 
+use crate::procfs::ProcessUsage;
 use serde::Serialize;
 
 /// What consumed the broker's messages in a step.
@@ -46,14 +47,33 @@ pub struct StepResult {
     /// Agent only: CPU seconds while publishing, as cores (CPU seconds / step seconds).
     pub cpu_seconds: Option<f64>,
     pub cpu_cores: Option<f64>,
-    pub peak_rss_mib: Option<f64>,
-    /// Agent only, at the end of the step: resident file-backed pages (the binary's code and
-    /// read-only data, the shared libraries) and anonymous ones (heap, stacks), in MiB.
-    pub rss_file_mib: Option<f64>,
-    pub rss_anon_mib: Option<f64>,
+    /// Agent only: its resident memory (JSON: the fields of [`Memory`], absent for a subscriber).
+    #[serde(flatten)]
+    pub memory: Option<Memory>,
     pub sustained: bool,
     /// Why the step failed, or `ok`.
     pub verdict: String,
+}
+
+/// A process's resident memory, in MiB: its peak (`VmHWM`), and what was resident when read,
+/// file-backed (`RssFile`: the binary's code and read-only data, the shared libraries) and
+/// anonymous (`RssAnon`: heap, stacks).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Memory {
+    pub peak_rss_mib: f64,
+    pub rss_file_mib: f64,
+    pub rss_anon_mib: f64,
+}
+
+impl Memory {
+    pub fn of(usage: &ProcessUsage) -> Memory {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        Memory {
+            peak_rss_mib: mib(usage.peak_rss_kib),
+            rss_file_mib: mib(usage.rss_file_kib),
+            rss_anon_mib: mib(usage.rss_anon_kib),
+        }
+    }
 }
 
 /// One broker, QoS and fleet size: the broker's ceiling and the agent's sustained rate.
@@ -103,12 +123,15 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
 
 /// `29.8 MiB (file 24.4, anon 5.4)`: peak, then what was resident at the end of the step.
 fn rss(s: &StepResult) -> String {
-    match (s.peak_rss_mib, s.rss_file_mib, s.rss_anon_mib) {
-        (Some(peak), Some(file), Some(anon)) => {
-            format!("{peak:>6.1} MiB (file {file:.1}, anon {anon:.1})")
-        }
-        _ => "     -".into(),
-    }
+    s.memory.map_or_else(
+        || "     -".into(),
+        |m| {
+            format!(
+                "{:>6.1} MiB (file {:.1}, anon {:.1})",
+                m.peak_rss_mib, m.rss_file_mib, m.rss_anon_mib
+            )
+        },
+    )
 }
 
 /// One line per step, as the run goes.
@@ -137,6 +160,7 @@ pub fn table(cases: &[CaseResult]) -> String {
     for c in cases {
         let rate = |s: &Option<StepResult>| opt(s.as_ref().map(|s| s.achieved_rate), 0);
         let agent = c.agent.as_ref();
+        let memory = agent.and_then(|a| a.memory);
         out.push_str(&format!(
             "{:<10} {:>3} {:>7}  {:>13}  {:>11}  {:>5}  {:>15}  {:>12}  {:>13}\n",
             c.broker,
@@ -147,11 +171,11 @@ pub fn table(cases: &[CaseResult]) -> String {
             c.ratio
                 .map_or_else(|| "-".into(), |r| format!("{:.0}%", r * 100.0)),
             opt(agent.and_then(|a| a.cpu_cores), 2),
-            opt(agent.and_then(|a| a.peak_rss_mib), 1),
-            match agent.map(|a| (a.rss_file_mib, a.rss_anon_mib)) {
-                Some((Some(file), Some(anon))) => format!("{file:.1}+{anon:.1}"),
-                _ => "-".into(),
-            },
+            opt(memory.map(|m| m.peak_rss_mib), 1),
+            memory.map_or_else(
+                || "-".into(),
+                |m| format!("{:.1}+{:.1}", m.rss_file_mib, m.rss_anon_mib)
+            ),
         ));
     }
     out
@@ -184,9 +208,11 @@ mod tests {
             windows_scored: None,
             cpu_seconds: Some(6.0),
             cpu_cores: Some(0.2),
-            peak_rss_mib: Some(9.5),
-            rss_file_mib: Some(6.0),
-            rss_anon_mib: Some(3.0),
+            memory: Some(Memory {
+                peak_rss_mib: 9.5,
+                rss_file_mib: 6.0,
+                rss_anon_mib: 3.0,
+            }),
             sustained,
             verdict: "ok".into(),
         }
@@ -212,9 +238,15 @@ mod tests {
             "{line}"
         );
         let mut counter = step(Subscriber, "confirm", 20_000.0, true);
-        counter.peak_rss_mib = None;
+        counter.memory = None;
         let line = step_line(&counter);
         assert!(line.contains("rss      -  ok"), "{line}");
+        // The JSON keeps flat keys (`.ci/bench.sh` reads `.agent.peak_rss_mib`).
+        let json = serde_json::to_value(c.agent.as_ref().unwrap()).unwrap();
+        assert_eq!(json["peak_rss_mib"], 9.5);
+        assert_eq!(json["rss_anon_mib"], 3.0);
+        let json = serde_json::to_value(&counter).unwrap();
+        assert!(json.get("peak_rss_mib").is_none(), "{json}");
         let t = table(&[c]);
         assert!(
             t.contains("20000")

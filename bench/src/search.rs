@@ -16,6 +16,23 @@ pub fn sim_interval(nodes: usize, rate: f64) -> (u64, f64) {
     (interval_ms, nodes as f64 * 1_000.0 / interval_ms as f64)
 }
 
+/// One line for each `(sensors, rate)` pair the simulator cannot publish within 1%, naming the
+/// rate it runs instead (see [`sim_interval`]).
+pub fn unreachable_rates(sensors: &[usize], rates: &[f64]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for &nodes in sensors {
+        for &rate in rates {
+            let (_, runs_at) = sim_interval(nodes, rate);
+            if (runs_at - rate).abs() > 0.01 * rate {
+                notes.push(format!(
+                    "--rates {rate:.0}: {nodes} sensors publish at whole-millisecond intervals; the nearest rate is {runs_at:.0}/s"
+                ));
+            }
+        }
+    }
+    notes
+}
+
 /// The next rate the simulator can produce below `rate` by about `factor` (at least one whole
 /// millisecond of interval lower), or `None` below [`MIN_RATE`].
 pub fn step_down(nodes: usize, rate: f64, factor: f64) -> Option<f64> {
@@ -91,6 +108,18 @@ impl Search {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_the_simulator_cannot_publish_are_named_with_the_rate_it_runs() {
+        let notes = unreachable_rates(&[100, 10_000], &[75_000.0, 50_000.0]);
+        assert_eq!(
+            notes,
+            [
+                "--rates 75000: 100 sensors publish at whole-millisecond intervals; the nearest rate is 100000/s"
+            ]
+        );
+        assert!(unreachable_rates(&[100], &[]).is_empty());
+    }
 
     /// Runs the search against a consumer that sustains everything up to `ceiling`.
     fn run(

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::procfs::ProcessUsage;
-use crate::report::{ConsumerKind, StepResult};
+use crate::report::{ConsumerKind, Memory, StepResult};
 use crate::search::sim_interval;
 
 /// Settings shared by every step of a run.
@@ -149,9 +149,7 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         windows_scored: None,
         cpu_seconds: None,
         cpu_cores: None,
-        peak_rss_mib: None,
-        rss_file_mib: None,
-        rss_anon_mib: None,
+        memory: None,
         sustained: false,
         verdict: String::new(),
     };
@@ -188,9 +186,7 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         result.cpu_cores = Some(cpu / seconds);
         let m = agent.drain(report.messages_published).await?;
         let after = agent.usage(env.ticks_per_second)?;
-        result.peak_rss_mib = Some(after.peak_rss_kib as f64 / 1024.0);
-        result.rss_file_mib = Some(after.rss_file_kib as f64 / 1024.0);
-        result.rss_anon_mib = Some(after.rss_anon_kib as f64 / 1024.0);
+        result.memory = Some(Memory::of(&after));
         result.journal_commits = Some(metric(&m, "edgewise_agent_journal_commits_total"));
         result.windows_scored = Some(metric(&m, "edgewise_agent_windows_scored_total"));
         let accepted = metric(&m, "edgewise_agent_readings_accepted_total");

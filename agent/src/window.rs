@@ -299,6 +299,9 @@ struct StreamWindows {
     /// Revise only, and only while the stream has revisable windows (boxed: most streams
     /// never need it, and 10,000 streams would carry two empty maps each).
     revisions: Option<Box<Revisions>>,
+    /// In [`Windows::due`]: its watermark passed the end of a window it holds, or a closed
+    /// window got a late reading.
+    due: bool,
 }
 
 #[derive(Debug, Default)]
@@ -319,11 +322,43 @@ impl StreamWindows {
             panes: Vec::new(),
             unit: None,
             revisions: None,
+            due: false,
         }
     }
 
     fn is_active(&self) -> bool {
         !self.panes.is_empty()
+    }
+
+    /// Whether [`Windows::advance`] has something to emit for this stream now, idleness aside:
+    /// its watermark has passed the end of the earliest window that is not closed and holds a
+    /// pane, or a closed window is waiting for its revision.
+    fn needs_close(&self, spec: &WindowSpec) -> bool {
+        if self.revisions.as_ref().is_some_and(|r| !r.dirty.is_empty()) {
+            return true;
+        }
+        let Some((first_pane, _)) = self.panes.first() else {
+            return false;
+        };
+        let watermark = self.max_event_ms.saturating_sub(spec.allowed_lateness_ms);
+        let last = spec.pane_of(watermark.saturating_sub(spec.size_ms));
+        let earliest = spec.first_start_after(self.closed_until).max(
+            first_pane
+                .saturating_sub(spec.size_ms)
+                .saturating_add(spec.slide_ms),
+        );
+        last >= earliest
+    }
+
+    /// The processing time at which this active stream next changes by idleness alone: its
+    /// idle timeout, or once idle, the end of its horizon (when its windows become final).
+    fn idle_deadline(&self, now_ms: i64, spec: &WindowSpec) -> i64 {
+        let idle_at = self.last_seen_ms.saturating_add(spec.idle_timeout_ms);
+        if now_ms < idle_at {
+            idle_at
+        } else {
+            idle_at.saturating_add(spec.horizon_ms())
+        }
     }
 
     /// Readings before this time can enter no window any more (they are late), windows
@@ -406,6 +441,17 @@ pub struct Windows {
     streams: StreamMap<StreamWindows>,
     /// Streams holding panes.
     active: usize,
+    /// Pane accumulators held over all streams, kept up to date rather than counted: with
+    /// 10,000 streams a walk over the map per batch cost more than the batch's readings.
+    panes: usize,
+    /// Streams with something to emit by event time (see [`StreamWindows::needs_close`]), each
+    /// once: `advance` looks at these only, until `next_scan_ms`.
+    due: Vec<String>,
+    /// No stream goes idle (or final after idling) before this processing time: from then on
+    /// `advance` walks every stream, and sets it anew.
+    next_scan_ms: i64,
+    /// [`Windows::journal_horizon`], while nothing changed it.
+    horizon: Option<i64>,
     /// Scratch: window starts closing in one stream during `advance`.
     closing: Vec<i64>,
 }
@@ -420,6 +466,10 @@ impl Windows {
                 .map(|e| SketchConfig::new(e, SKETCH_MAX_BINS, SKETCH_MIN_VALUE)),
             streams: StreamMap::default(),
             active: 0,
+            panes: 0,
+            due: Vec::new(),
+            next_scan_ms: i64::MAX,
+            horizon: None,
             closing: Vec::new(),
         }
     }
@@ -435,6 +485,7 @@ impl Windows {
             .entry(stream.to_string())
             .or_insert_with(|| StreamWindows::new(closed_until_ms));
         s.closed_until = s.closed_until.max(closed_until_ms);
+        self.horizon = None;
     }
 
     /// Restores the last emitted revision and count of a closed window (on start, before the
@@ -457,6 +508,7 @@ impl Windows {
             .get_or_insert_default()
             .emitted
             .insert(window_start_ms, Emitted { revision, count });
+        self.horizon = None;
     }
 
     pub fn admit(&self, r: ReadingView<'_>) -> Admission {
@@ -513,12 +565,19 @@ impl Windows {
                 .entry(r.stream.to_owned())
                 .or_insert_with(|| StreamWindows::new(i64::MIN)),
         };
-        if r.time_ms < s.release_ms(&spec) {
+        let release = s.release_ms(&spec);
+        if r.time_ms < release {
             return;
         }
         if !s.is_active() {
             self.active += 1;
+            if let Some(h) = &mut self.horizon {
+                *h = (*h).min(release);
+            }
         }
+        self.next_scan_ms = self
+            .next_scan_ms
+            .min(now_ms.saturating_add(spec.idle_timeout_ms));
         s.max_event_ms = s.max_event_ms.max(r.time_ms);
         s.last_seen_ms = now_ms;
         let pane = spec.pane_of(r.time_ms);
@@ -534,6 +593,7 @@ impl Windows {
                 }
                 let acc = Accumulator::new(r, s.unit.clone(), self.sketch.as_ref());
                 s.panes.insert(i, (pane, acc));
+                self.panes += 1;
                 i
             }
         };
@@ -553,105 +613,61 @@ impl Windows {
                 start = start.saturating_sub(spec.slide_ms);
             }
         }
+        if !s.due && s.needs_close(&spec) {
+            s.due = true;
+            self.due.push(r.stream.to_owned());
+        }
     }
 
     /// Closes every window whose stream watermark has passed its end, and every open window of a
     /// stream idle for the timeout, and re-emits revised windows. Returned in stream order, then
     /// window order.
+    ///
+    /// Only the streams marked due by [`Windows::add`] are looked at, except from `next_scan_ms`
+    /// on, when every stream is (idleness is a matter of processing time, which no reading
+    /// marks); the result is the same as walking every stream on every call, which the tests
+    /// check against `force_full_scan`.
     pub fn advance(&mut self, now_ms: i64) -> Vec<ClosedWindow> {
         let mut out = Vec::new();
-        let spec = self.spec;
-        for (name, s) in self.streams.iter_mut() {
-            if !s.is_active() {
-                continue;
-            }
-            let idle = now_ms.saturating_sub(s.last_seen_ms) >= spec.idle_timeout_ms;
-            let watermark = s.max_event_ms.saturating_sub(spec.allowed_lateness_ms);
-            // Window starts are multiples of the slide; the first not closed yet:
-            let first_open = spec.first_start_after(s.closed_until);
-            // ...and the last that may close now.
-            let last = if idle {
-                s.panes.last().map_or(i64::MIN, |(p, _)| *p)
-            } else {
-                spec.pane_of(watermark.saturating_sub(spec.size_ms))
-            };
-            self.closing.clear();
-            let mut next = first_open;
-            for (p, _) in &s.panes {
-                let lo = next.max(p.saturating_sub(spec.size_ms).saturating_add(spec.slide_ms));
-                let hi = (*p).min(last);
-                if lo > last {
-                    break;
+        let mut closer = Closer {
+            spec: self.spec,
+            agent_id: &self.agent_id,
+            now_ms,
+            closing: &mut self.closing,
+            out: &mut out,
+        };
+        let mut changes = Vec::new();
+        if now_ms >= self.next_scan_ms {
+            let mut next_scan = i64::MAX;
+            for (name, s) in self.streams.iter_mut() {
+                s.due = false;
+                if s.is_active() {
+                    changes.push(closer.close(name, s));
                 }
-                let mut w = lo;
-                while w <= hi {
-                    self.closing.push(w);
-                    w = w.saturating_add(spec.slide_ms);
-                    if w == i64::MAX {
-                        break;
-                    }
+                if s.is_active() {
+                    next_scan = next_scan.min(s.idle_deadline(now_ms, &self.spec));
                 }
-                next = next.max(hi.saturating_add(spec.slide_ms));
             }
-            let revised: Vec<i64> = s
-                .revisions
-                .as_mut()
-                .map(|r| std::mem::take(&mut r.dirty).into_iter().collect())
-                .unwrap_or_default();
-            if self.closing.is_empty() && revised.is_empty() {
-                let quiet_ms = now_ms.saturating_sub(s.last_seen_ms);
-                if idle && quiet_ms >= spec.idle_timeout_ms.saturating_add(spec.horizon_ms()) {
-                    // Idle for the horizon too: its closed windows become final.
-                    s.final_until = s.closed_until;
-                    s.panes = Vec::new();
-                    s.revisions = None;
-                    self.active -= 1;
-                }
-                continue;
-            }
-            if let Some(&w) = self.closing.last() {
-                let last_end = w.saturating_add(spec.size_ms);
-                s.closed_until = s.closed_until.max(watermark).max(last_end);
-            }
-            let release = s.release_ms(&spec);
-            let keep_revision = spec.late_policy == LatePolicy::Revise;
-            for &w in revised.iter().chain(self.closing.iter()) {
-                let Some(acc) = s.window(w, &spec) else {
+            self.due.clear();
+            self.next_scan_ms = next_scan;
+        } else {
+            for name in self.due.drain(..) {
+                let Some(s) = self.streams.get_mut(&name) else {
                     continue;
                 };
-                let revision = match s.revisions.as_ref().and_then(|r| r.emitted.get(&w)) {
-                    // Nothing new since the last emission (a journal replay after a restart).
-                    Some(e) if e.count >= acc.count => continue,
-                    Some(e) => e.revision.saturating_add(1),
-                    None => 0,
-                };
-                if keep_revision && w >= release {
-                    s.revisions.get_or_insert_default().emitted.insert(
-                        w,
-                        Emitted {
-                            revision,
-                            count: acc.count,
-                        },
-                    );
-                }
-                out.push(ClosedWindow {
-                    summary: acc.summary(&self.agent_id, name, w, revision, &spec),
-                    closed_until_ms: s.closed_until,
-                    release_ms: release,
-                    keep_revision,
-                });
-            }
-            let kept_from = s.panes.partition_point(|(p, _)| *p < release);
-            s.panes.drain(..kept_from);
-            if let Some(r) = &mut s.revisions {
-                r.emitted = r.emitted.split_off(&release);
-                if r.emitted.is_empty() && r.dirty.is_empty() {
-                    s.revisions = None;
+                s.due = false;
+                if s.is_active() {
+                    changes.push(closer.close(&name, s));
                 }
             }
-            if !s.is_active() {
+        }
+        for c in changes {
+            self.panes -= c.panes_dropped;
+            if c.deactivated {
                 self.active -= 1;
-                s.panes = Vec::new();
+            }
+            if c.released {
+                self.horizon = None;
             }
         }
         out.sort_by(|a, b| {
@@ -669,29 +685,172 @@ impl Windows {
         out
     }
 
+    /// Makes the next [`Windows::advance`] walk every stream (tests: the reference behaviour).
+    #[cfg(test)]
+    fn force_full_scan(&mut self) {
+        self.next_scan_ms = i64::MIN;
+    }
+
     /// The earliest event time any stream still needs from the journal: the minimum over active
     /// streams of their release time (readings before a stream's release time can enter no window
     /// of it any more, see [`ClosedWindow::release_ms`]). An inactive stream holds no pane and so
     /// needs no row. The store deletes journal rows before it in the transaction that closes
-    /// windows; `i64::MAX` when no stream is active.
-    pub fn journal_horizon(&self) -> i64 {
-        self.streams
+    /// windows; `i64::MAX` when no stream is active. Computed again only after a close changed
+    /// a stream's release time or made it inactive.
+    pub fn journal_horizon(&mut self) -> i64 {
+        if let Some(h) = self.horizon {
+            return h;
+        }
+        let spec = self.spec;
+        let h = self
+            .streams
             .values()
             .filter(|s| s.is_active())
-            .map(|s| s.release_ms(&self.spec))
+            .map(|s| s.release_ms(&spec))
             .min()
-            .unwrap_or(i64::MAX)
+            .unwrap_or(i64::MAX);
+        self.horizon = Some(h);
+        h
     }
 
     /// Pane accumulators held, over all streams (for tumbling windows without revisions: the
     /// open windows).
     pub fn open_windows(&self) -> usize {
-        self.streams.values().map(|s| s.panes.len()).sum()
+        self.panes
     }
 
     /// Number of streams tracked (active or not).
     pub fn streams(&self) -> usize {
         self.streams.len()
+    }
+}
+
+/// What closing one stream's due windows changed, for the counters of [`Windows`].
+#[derive(Default)]
+struct StreamChange {
+    panes_dropped: usize,
+    deactivated: bool,
+    /// Its release time moved, or it stopped counting for the journal horizon.
+    released: bool,
+}
+
+/// Closes one stream's due windows into `out` (the body of [`Windows::advance`]).
+struct Closer<'a> {
+    spec: WindowSpec,
+    agent_id: &'a str,
+    now_ms: i64,
+    /// Scratch: window starts closing in the stream at hand.
+    closing: &'a mut Vec<i64>,
+    out: &'a mut Vec<ClosedWindow>,
+}
+
+impl Closer<'_> {
+    fn close(&mut self, name: &str, s: &mut StreamWindows) -> StreamChange {
+        let mut change = StreamChange::default();
+        let idle = self.now_ms.saturating_sub(s.last_seen_ms) >= self.spec.idle_timeout_ms;
+        let watermark = s.max_event_ms.saturating_sub(self.spec.allowed_lateness_ms);
+        // Window starts are multiples of the slide; the first not closed yet:
+        let first_open = self.spec.first_start_after(s.closed_until);
+        // ...and the last that may close now.
+        let last = if idle {
+            s.panes.last().map_or(i64::MIN, |(p, _)| *p)
+        } else {
+            self.spec
+                .pane_of(watermark.saturating_sub(self.spec.size_ms))
+        };
+        self.closing.clear();
+        let mut next = first_open;
+        for (p, _) in &s.panes {
+            let lo = next.max(
+                p.saturating_sub(self.spec.size_ms)
+                    .saturating_add(self.spec.slide_ms),
+            );
+            let hi = (*p).min(last);
+            if lo > last {
+                break;
+            }
+            let mut w = lo;
+            while w <= hi {
+                self.closing.push(w);
+                w = w.saturating_add(self.spec.slide_ms);
+                if w == i64::MAX {
+                    break;
+                }
+            }
+            next = next.max(hi.saturating_add(self.spec.slide_ms));
+        }
+        let revised: Vec<i64> = s
+            .revisions
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.dirty).into_iter().collect())
+            .unwrap_or_default();
+        if self.closing.is_empty() && revised.is_empty() {
+            let quiet_ms = self.now_ms.saturating_sub(s.last_seen_ms);
+            if idle
+                && quiet_ms
+                    >= self
+                        .spec
+                        .idle_timeout_ms
+                        .saturating_add(self.spec.horizon_ms())
+            {
+                // Idle for the horizon too: its closed windows become final.
+                s.final_until = s.closed_until;
+                change.panes_dropped = s.panes.len();
+                change.deactivated = true;
+                change.released = true;
+                s.panes = Vec::new();
+                s.revisions = None;
+            }
+            return change;
+        }
+        if let Some(&w) = self.closing.last() {
+            let last_end = w.saturating_add(self.spec.size_ms);
+            s.closed_until = s.closed_until.max(watermark).max(last_end);
+            change.released = true;
+        }
+        let release = s.release_ms(&self.spec);
+        let keep_revision = self.spec.late_policy == LatePolicy::Revise;
+        for &w in revised.iter().chain(self.closing.iter()) {
+            let Some(acc) = s.window(w, &self.spec) else {
+                continue;
+            };
+            let revision = match s.revisions.as_ref().and_then(|r| r.emitted.get(&w)) {
+                // Nothing new since the last emission (a journal replay after a restart).
+                Some(e) if e.count >= acc.count => continue,
+                Some(e) => e.revision.saturating_add(1),
+                None => 0,
+            };
+            if keep_revision && w >= release {
+                s.revisions.get_or_insert_default().emitted.insert(
+                    w,
+                    Emitted {
+                        revision,
+                        count: acc.count,
+                    },
+                );
+            }
+            self.out.push(ClosedWindow {
+                summary: acc.summary(self.agent_id, name, w, revision, &self.spec),
+                closed_until_ms: s.closed_until,
+                release_ms: release,
+                keep_revision,
+            });
+        }
+        let kept_from = s.panes.partition_point(|(p, _)| *p < release);
+        s.panes.drain(..kept_from);
+        change.panes_dropped = kept_from;
+        if let Some(r) = &mut s.revisions {
+            r.emitted = r.emitted.split_off(&release);
+            if r.emitted.is_empty() && r.dirty.is_empty() {
+                s.revisions = None;
+            }
+        }
+        if !s.is_active() {
+            change.deactivated = true;
+            change.released = true;
+            s.panes = Vec::new();
+        }
+        change
     }
 }
 
@@ -1207,6 +1366,49 @@ mod tests {
                     "reading {:?} (arrival {}) never reached its window", x, i
                 );
             }
+        }
+
+        /// `advance` looking only at the streams marked due (and at every stream once one may
+        /// have gone idle) emits exactly what walking every stream on every call emits, and
+        /// keeps the same counters and journal horizon, with idle timeouts, revisions and
+        /// processing time moving at random.
+        #[test]
+        fn advancing_due_streams_only_equals_walking_every_stream(
+            spec in arb_spec(),
+            idle_timeout_ms in 0i64..5_000,
+            events in proptest::collection::vec((0..4usize, 0i64..40_000, 0i64..3_000, 0u8..3), 1..200),
+        ) {
+            let spec = WindowSpec { idle_timeout_ms, ..spec };
+            let mut fast = Windows::new("gw", spec);
+            let mut reference = Windows::new("gw", spec);
+            let mut now = 0i64;
+            for (s, t, wait_ms, tick) in events {
+                now += wait_ms;
+                let x = r(&format!("s{s}"), t, t as f64);
+                let admitted = fast.admit(x.as_view());
+                prop_assert_eq!(admitted, reference.admit(x.as_view()));
+                if matches!(admitted, Admission::Open | Admission::Revision) {
+                    fast.add(x.as_view(), now);
+                    reference.add(x.as_view(), now);
+                }
+                if tick == 0 {
+                    reference.force_full_scan();
+                    prop_assert_eq!(fast.advance(now), reference.advance(now));
+                    prop_assert_eq!(fast.active_streams(), reference.active_streams());
+                    let panes: usize = reference.streams.values().map(|s| s.panes.len()).sum();
+                    prop_assert_eq!(fast.open_windows(), panes);
+                    reference.horizon = None;
+                    prop_assert_eq!(fast.journal_horizon(), reference.journal_horizon());
+                }
+            }
+            // Idle: every window closes; idle for the horizon too (the next call): all final.
+            let end = now + idle_timeout_ms + spec.horizon_ms();
+            for _ in 0..2 {
+                reference.force_full_scan();
+                prop_assert_eq!(fast.advance(end), reference.advance(end));
+            }
+            prop_assert_eq!(fast.open_windows(), 0);
+            prop_assert_eq!(fast.active_streams(), 0);
         }
     }
 }

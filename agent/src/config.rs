@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub inference: Option<crate::infer::InferenceConfig>,
 }
 
+/// Most MQTT connections an agent reads through (`mqtt.connections`).
+pub const MAX_MQTT_CONNECTIONS: usize = 16;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
@@ -74,8 +77,17 @@ pub struct MqttConfig {
     /// a message only after its journal commit, so once that many wait for the commit the broker
     /// sends nothing more: the batch then commits at once instead of waiting out
     /// `ingest.commit_interval_ms`. A limit set too high only costs that wait; one set too low
-    /// only makes commits smaller. 0: never commit early.
+    /// only makes commits smaller. 0: never commit early. With several `connections` the limit
+    /// is per connection.
     pub broker_max_inflight: usize,
+    /// MQTT connections the agent reads through (1 to 16). With more than one, each connection
+    /// subscribes to every topic filter as a shared subscription (`$share/<group>/<filter>`, the
+    /// group named after the client id), so the broker splits the messages between them and
+    /// each connection has its own in-flight window: more QoS 1 messages can wait for one
+    /// journal commit. Connection 0 uses the client id, connection `i` the client id with `-i`
+    /// appended; each keeps its persistent session. The broker must support shared
+    /// subscriptions (Mosquitto 1.6+, rumqttd, EMQX, HiveMQ).
+    pub connections: usize,
 }
 
 impl Default for MqttConfig {
@@ -92,6 +104,7 @@ impl Default for MqttConfig {
             password_file: None,
             tls: TlsConfig::default(),
             broker_max_inflight: 100,
+            connections: 1,
         }
     }
 }
@@ -523,6 +536,12 @@ impl AgentConfig {
                 bad(&format!("mqtt.topics[{i}]"), e);
             }
         }
+        if !(1..=MAX_MQTT_CONNECTIONS).contains(&self.mqtt.connections) {
+            bad(
+                "mqtt.connections",
+                format!("must be 1 to {MAX_MQTT_CONNECTIONS}"),
+            );
+        }
         if self.mqtt.keep_alive_seconds < 5 {
             bad("mqtt.keep_alive_seconds", "must be at least 5".into());
         }
@@ -621,6 +640,33 @@ impl AgentConfig {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("edgewise-{}", self.agent_id))
+    }
+
+    /// The client id of MQTT connection `index` (see `mqtt.connections`).
+    pub fn connection_client_id(&self, index: usize) -> String {
+        match index {
+            0 => self.client_id(),
+            i => format!("{}-{i}", self.client_id()),
+        }
+    }
+
+    /// The topic filters each connection subscribes to: `mqtt.topics` as they are with one
+    /// connection, as shared subscriptions of one group with several. The group is the client
+    /// id with the characters a share name may not hold (`/`, `+`, `#`) replaced by `_`.
+    pub fn subscription_filters(&self) -> Vec<String> {
+        if self.mqtt.connections <= 1 {
+            return self.mqtt.topics.clone();
+        }
+        let group: String = self
+            .client_id()
+            .chars()
+            .map(|c| if matches!(c, '/' | '+' | '#') { '_' } else { c })
+            .collect();
+        self.mqtt
+            .topics
+            .iter()
+            .map(|t| format!("$share/{group}/{t}"))
+            .collect()
     }
 
     pub fn window_ms(&self) -> i64 {
@@ -774,6 +820,33 @@ mod tests {
         assert_eq!(cfg.mqtt.topics, vec!["sensors/#"]);
         assert_eq!(cfg.client_id(), "edgewise-gw-1");
         assert_eq!(cfg.window_ms(), 60_000);
+    }
+
+    #[test]
+    fn several_connections_share_one_subscription_group_under_their_own_client_ids() {
+        let one = AgentConfig::parse("agent_id = \"gw-1\"").unwrap();
+        assert_eq!(one.subscription_filters(), vec!["sensors/#"]);
+        assert_eq!(one.connection_client_id(0), "edgewise-gw-1");
+
+        let cfg = AgentConfig::parse(
+            "agent_id = \"gw-1\"\n[mqtt]\nclient_id = \"plant/gw+1\"\nconnections = 3\n\
+             topics = [\"sensors/#\", \"+/status\"]\n",
+        )
+        .unwrap();
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+        assert_eq!(
+            cfg.subscription_filters(),
+            vec!["$share/plant_gw_1/sensors/#", "$share/plant_gw_1/+/status"]
+        );
+        let ids: Vec<String> = (0..3).map(|i| cfg.connection_client_id(i)).collect();
+        assert_eq!(ids, ["plant/gw+1", "plant/gw+1-1", "plant/gw+1-2"]);
+
+        for n in ["0", "17"] {
+            let cfg = AgentConfig::parse(&format!("agent_id = \"a\"\n[mqtt]\nconnections = {n}\n"))
+                .unwrap();
+            let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
+            assert_eq!(keys, ["mqtt.connections"]);
+        }
     }
 
     #[test]

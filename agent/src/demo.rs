@@ -85,10 +85,11 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         .context("receiver")?;
 
     let cfg = demo_config(dir, broker.addr, cloud_addr, &token)?;
+    let connections = cfg.mqtt.connections as u64;
     let agent = Agent::start(cfg).await.context("starting the agent")?;
     let metrics = agent.metrics().clone();
     wait_until(Duration::from_secs(10), || {
-        metrics.mqtt_subscribed.get() == 1
+        metrics.mqtt_subscribed.get() == connections
     })
     .await
     .context("the agent did not subscribe to the broker within 10 s")?;

@@ -33,7 +33,8 @@ async fn metrics_text(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     axum::Json(serde_json::json!({
         "status": "ok",
-        "mqtt_connected": m.mqtt_connected.get() == 1,
+        "mqtt_connected": m.mqtt_connected.get() >= 1,
+        "mqtt_connections_up": m.mqtt_connected.get(),
         "outbox_rows": m.outbox_rows.get(),
         "open_windows": m.open_windows.get(),
     }))

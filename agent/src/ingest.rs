@@ -1,15 +1,17 @@
 //! MQTT ingest: the broker connection and the group-commit loop that feeds the [`Pipeline`].
 //!
-//! Two tasks:
-//! - [`run_connection`] polls the rumqttc `EventLoop` (and nothing else, as rumqttc requires),
-//!   re-subscribes on every ConnAck, backs off on errors, and forwards each publish into a bounded
-//!   channel. A full channel stops the polling: the broker then holds the messages (backpressure),
-//!   memory does not grow.
+//! Two kinds of task:
+//! - [`run_connection`], one per MQTT connection (`mqtt.connections`), polls the rumqttc
+//!   `EventLoop` (and nothing else, as rumqttc requires), re-subscribes on every ConnAck, backs
+//!   off on errors, and forwards each publish, tagged with its connection, into one bounded
+//!   channel. A full channel stops the polling: the broker then holds the messages
+//!   (backpressure), memory does not grow. Several connections hold shared subscriptions of one
+//!   group ([`AgentConfig::subscription_filters`]): the broker splits the messages between them.
 //! - [`run_pipeline`] takes messages in batches (up to `commit_max_messages`, or what arrived
-//!   within `commit_interval_ms` of the first, or as soon as the broker's in-flight limit of
-//!   unacked QoS 1 messages is reached), runs [`Pipeline::ingest`] on the blocking pool,
-//!   and only after the commit acks the batch's messages, in the order received. It also closes
-//!   due windows on a timer and wakes the uploader.
+//!   within `commit_interval_ms` of the first, or as soon as one connection reaches the broker's
+//!   in-flight limit of unacked QoS 1 messages), runs [`Pipeline::ingest`] on the blocking pool,
+//!   and only after the commit acks the batch's messages, each on the connection it came from, in
+//!   the order received. It also closes due windows on a timer and wakes the uploader.
 //!
 //! The session is persistent (`clean_session = false`, fixed client id) with manual acks: a
 //! message received but not yet durable is redelivered by the broker after a reconnect or restart,
@@ -37,12 +39,20 @@ use crate::pipeline::{Message, Pipeline};
 /// event loop waits for the pipeline: no deadlock.
 const REQUEST_CHANNEL_CAPACITY: usize = u16::MAX as usize + 64;
 
-/// Builds the client and its event loop from the config: TLS for `mqtts://` (a certificate that
-/// does not verify fails the connection, which is retried with back-off and logged; it never
-/// falls back to plaintext), and the user name and password when configured.
-pub fn connect(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop), String> {
+/// A message as the connection `connection` (an index into the clients) received it: its ack
+/// goes back through that connection.
+pub struct Delivery {
+    pub connection: usize,
+    pub publish: Publish,
+}
+
+/// Builds the client and event loop of connection `index` (`0..mqtt.connections`) from the
+/// config: TLS for `mqtts://` (a certificate that does not verify fails the connection, which
+/// is retried with back-off and logged; it never falls back to plaintext), and the user name
+/// and password when configured.
+pub fn connect(cfg: &AgentConfig, index: usize) -> Result<(AsyncClient, EventLoop), String> {
     let url = BrokerUrl::parse(&cfg.mqtt.url).map_err(|e| format!("mqtt.url: {e}"))?;
-    let mut opts = MqttOptions::new(cfg.client_id(), url.host, url.port);
+    let mut opts = MqttOptions::new(cfg.connection_client_id(index), url.host, url.port);
     opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_seconds))
         .set_clean_session(false)
         .set_manual_acks(true)
@@ -61,30 +71,51 @@ pub fn connect(cfg: &AgentConfig) -> Result<(AsyncClient, EventLoop), String> {
     Ok(AsyncClient::new(opts, REQUEST_CHANNEL_CAPACITY))
 }
 
+/// One connection's task: its event loop, its client, its index among the connections, and
+/// the topic filters it subscribes to.
+pub struct Connection {
+    pub eventloop: EventLoop,
+    pub client: AsyncClient,
+    pub index: usize,
+    pub topics: Vec<String>,
+}
+
 /// Polls the connection until `stopping` is set and the disconnect went out (or failed).
 pub async fn run_connection(
-    mut eventloop: EventLoop,
-    client: AsyncClient,
-    topics: Vec<String>,
-    tx: mpsc::Sender<Publish>,
+    connection: Connection,
+    tx: mpsc::Sender<Delivery>,
     metrics: Arc<Metrics>,
     max_backoff: Duration,
     stopping: Arc<AtomicBool>,
 ) {
+    let Connection {
+        mut eventloop,
+        client,
+        index,
+        topics,
+    } = connection;
     let mut backoff = Duration::from_millis(100);
+    // This connection's share of the `mqtt_connected` and `mqtt_subscribed` gauges.
+    let mut state = ConnectionGauges::new(&metrics);
     loop {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
                 // A closed channel means the pipeline stopped: the message stays unacked and the
                 // broker redelivers it to the next run.
-                let _ = tx.send(p).await;
+                let _ = tx
+                    .send(Delivery {
+                        connection: index,
+                        publish,
+                    })
+                    .await;
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = Duration::from_millis(100);
                 metrics.mqtt_connections.inc();
-                metrics.mqtt_connected.set(1);
+                state.connected(true);
                 tracing::info!(
                     session_present = ack.session_present,
+                    connection = index,
                     "connected to the broker"
                 );
                 let client = client.clone();
@@ -98,15 +129,14 @@ pub async fn run_connection(
                     }
                 });
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => metrics.mqtt_subscribed.set(1),
+            Ok(Event::Incoming(Packet::SubAck(_))) => state.subscribed(true),
             Ok(Event::Outgoing(Outgoing::Disconnect)) if stopping.load(Ordering::Relaxed) => {
-                metrics.mqtt_connected.set(0);
+                state.connected(false);
                 return;
             }
             Ok(_) => {}
             Err(e) => {
-                metrics.mqtt_connected.set(0);
-                metrics.mqtt_subscribed.set(0);
+                state.connected(false);
                 if stopping.load(Ordering::Relaxed) {
                     return;
                 }
@@ -115,16 +145,58 @@ pub async fn run_connection(
                     // Configuration or security problems: loud, and retried (an operator may fix
                     // the broker's certificate or the credentials without restarting us).
                     Some(why) => {
-                        tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection refused: {why}")
+                        tracing::error!(error = %e, connection = index, retry_in_ms = backoff.as_millis() as u64, "broker connection refused: {why}")
                     }
                     None => {
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker connection failed")
+                        tracing::warn!(error = %e, connection = index, retry_in_ms = backoff.as_millis() as u64, "broker connection failed")
                     }
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(max_backoff);
             }
         }
+    }
+}
+
+/// One connection's contribution to the `mqtt_connected` and `mqtt_subscribed` gauges, which
+/// count the connections that are connected and subscribed: each connection moves them by at
+/// most one, and takes its part back when it drops.
+struct ConnectionGauges<'a> {
+    metrics: &'a Metrics,
+    connected: bool,
+    subscribed: bool,
+}
+
+impl<'a> ConnectionGauges<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        ConnectionGauges {
+            metrics,
+            connected: false,
+            subscribed: false,
+        }
+    }
+
+    fn connected(&mut self, now: bool) {
+        if now != self.connected {
+            self.connected = now;
+            self.metrics.mqtt_connected.step(now);
+        }
+        if !now {
+            self.subscribed(false);
+        }
+    }
+
+    fn subscribed(&mut self, now: bool) {
+        if now != self.subscribed {
+            self.subscribed = now;
+            self.metrics.mqtt_subscribed.step(now);
+        }
+    }
+}
+
+impl Drop for ConnectionGauges<'_> {
+    fn drop(&mut self) {
+        self.connected(false);
     }
 }
 
@@ -176,9 +248,9 @@ pub fn wall_ms() -> i64 {
 pub struct BatchPolicy {
     pub max_messages: usize,
     pub max_wait: Duration,
-    /// Commit as soon as this many QoS 1/2 messages wait for their ack: the broker's in-flight
-    /// limit (`mqtt.broker_max_inflight`), past which it sends nothing until they are acked.
-    /// 0: no such limit known.
+    /// Commit as soon as this many QoS 1/2 messages of one connection wait for their ack: the
+    /// broker's in-flight limit (`mqtt.broker_max_inflight`), past which it sends that
+    /// connection nothing until they are acked. 0: no such limit known.
     pub max_unacked: usize,
     /// How often due windows are closed when no message arrives.
     pub tick: Duration,
@@ -195,22 +267,33 @@ impl BatchPolicy {
         }
     }
 
-    fn full(&self, batch: &[Publish], unacked: usize) -> bool {
-        batch.len() >= self.max_messages || (self.max_unacked > 0 && unacked >= self.max_unacked)
+    /// Whether the batch must commit now: it is as large as allowed, or the connection that
+    /// delivered its last message has as many messages waiting for their ack as the broker
+    /// sends it (`unacked` counts them per connection).
+    fn full(&self, batch: &[Delivery], unacked: &[usize]) -> bool {
+        batch.len() >= self.max_messages
+            || (self.max_unacked > 0
+                && batch
+                    .last()
+                    .is_some_and(|d| unacked[d.connection] >= self.max_unacked))
     }
 }
 
 /// Fills `batch`, which holds the batch's first message, until it is [`BatchPolicy::full`] or
-/// `policy.max_wait` has passed since that first message (or the channel closed).
+/// `policy.max_wait` has passed since that first message (or the channel closed). `connections`:
+/// how many connections deliver (every `Delivery::connection` is below it).
 async fn fill_batch(
-    rx: &mut mpsc::Receiver<Publish>,
-    batch: &mut Vec<Publish>,
+    rx: &mut mpsc::Receiver<Delivery>,
+    batch: &mut Vec<Delivery>,
     policy: &BatchPolicy,
+    connections: usize,
 ) {
-    let needs_ack = |p: &Publish| p.qos != QoS::AtMostOnce;
-    let mut unacked = batch.iter().filter(|p| needs_ack(p)).count();
+    let mut unacked = vec![0usize; connections];
+    for d in batch.iter() {
+        count_unacked(&mut unacked, d);
+    }
     let deadline = Instant::now() + policy.max_wait;
-    while !policy.full(batch, unacked) {
+    while !policy.full(batch, &unacked) {
         let next = match rx.try_recv() {
             Ok(p) => p,
             Err(mpsc::error::TryRecvError::Empty) => {
@@ -221,24 +304,34 @@ async fn fill_batch(
             }
             Err(mpsc::error::TryRecvError::Disconnected) => break,
         };
-        unacked += usize::from(needs_ack(&next));
+        count_unacked(&mut unacked, &next);
         batch.push(next);
+    }
+}
+
+/// Counts a message that waits for its ack (QoS 1 or 2) against its connection.
+fn count_unacked(unacked: &mut [usize], d: &Delivery) {
+    if d.publish.qos != QoS::AtMostOnce
+        && let Some(n) = unacked.get_mut(d.connection)
+    {
+        *n += 1;
     }
 }
 
 /// Runs until `shutdown` turns true (or the channel closes). The batch in hand is committed and
 /// acked before returning; messages still in the channel are left unacked for redelivery.
+/// `clients[i]` acks what connection `i` delivered.
 pub async fn run_pipeline(
     mut pipeline: Pipeline,
-    mut rx: mpsc::Receiver<Publish>,
-    client: AsyncClient,
+    mut rx: mpsc::Receiver<Delivery>,
+    clients: Vec<AsyncClient>,
     policy: BatchPolicy,
     metrics: Arc<Metrics>,
     outbox_ready: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let origin = Instant::now();
-    let mut batch: Vec<Publish> = Vec::with_capacity(policy.max_messages);
+    let mut batch: Vec<Delivery> = Vec::with_capacity(policy.max_messages);
     let mut retry_delay = Duration::from_millis(50);
     loop {
         if *shutdown.borrow() {
@@ -254,7 +347,7 @@ pub async fn run_pipeline(
                 _ = shutdown.changed() => return,
             }
             if !batch.is_empty() {
-                fill_batch(&mut rx, &mut batch, &policy).await;
+                fill_batch(&mut rx, &mut batch, &policy, clients.len()).await;
             }
         }
 
@@ -262,9 +355,9 @@ pub async fn run_pipeline(
         let joined = tokio::task::spawn_blocking(move || {
             let msgs: Vec<Message<'_>> = batch
                 .iter()
-                .map(|p| Message {
-                    topic: &p.topic,
-                    payload: &p.payload,
+                .map(|d| Message {
+                    topic: &d.publish.topic,
+                    payload: &d.publish.payload,
                 })
                 .collect();
             let committed = if msgs.is_empty() {
@@ -289,8 +382,11 @@ pub async fn run_pipeline(
         match committed {
             Ok(()) => {
                 retry_delay = Duration::from_millis(50);
-                for publish in batch.drain(..) {
-                    if client.ack(&publish).await.is_ok() {
+                for d in batch.drain(..) {
+                    let Some(client) = clients.get(d.connection) else {
+                        continue;
+                    };
+                    if client.ack(&d.publish).await.is_ok() {
                         metrics.acks_sent.inc();
                     }
                 }
@@ -330,53 +426,86 @@ mod tests {
         }
     }
 
-    fn publish(qos: QoS) -> Publish {
-        Publish::new("sensors/n1", qos, vec![1u8, 2, 3])
+    fn publish(qos: QoS) -> Delivery {
+        on(0, qos)
+    }
+
+    fn on(connection: usize, qos: QoS) -> Delivery {
+        Delivery {
+            connection,
+            publish: Publish::new("sensors/n1", qos, vec![1u8, 2, 3]),
+        }
     }
 
     /// Fills a batch from a channel holding `queued` (the sender stays open, so only the policy
-    /// can end the batch early); `None` if it did not end within 10 s.
-    async fn fill(queued: Vec<Publish>, policy: BatchPolicy) -> Option<Vec<Publish>> {
+    /// can end the batch early), delivered by two connections; `None` if it did not end within
+    /// 10 s.
+    async fn fill(queued: Vec<Delivery>, policy: BatchPolicy) -> Option<Vec<Delivery>> {
         let (tx, mut rx) = mpsc::channel(queued.len() + 1);
         for p in queued {
-            tx.send(p).await.unwrap();
+            assert!(tx.send(p).await.is_ok());
         }
-        let mut batch = vec![rx.recv().await.unwrap()];
-        let filled = fill_batch(&mut rx, &mut batch, &policy);
+        let mut batch = vec![rx.recv().await.expect("a first message")];
+        let filled = fill_batch(&mut rx, &mut batch, &policy, 2);
         let done = tokio::time::timeout(Duration::from_secs(10), filled).await;
         drop(tx);
         done.ok().map(|()| batch)
+    }
+
+    fn qos1(batch: &[Delivery]) -> usize {
+        batch
+            .iter()
+            .filter(|d| d.publish.qos == QoS::AtLeastOnce)
+            .count()
     }
 
     #[tokio::test]
     async fn a_batch_commits_when_the_brokers_in_flight_limit_is_reached() {
         // 99 QoS 1, then QoS 0 ones (not counted: the broker needs no ack for them), then the
         // 100th QoS 1: the batch ends there, long before its hour is up.
-        let mut queued: Vec<Publish> = (0..99).map(|_| publish(QoS::AtLeastOnce)).collect();
+        let mut queued: Vec<Delivery> = (0..99).map(|_| publish(QoS::AtLeastOnce)).collect();
         queued.extend((0..20).map(|_| publish(QoS::AtMostOnce)));
         queued.extend((0..5).map(|_| publish(QoS::AtLeastOnce)));
         let batch = fill(queued, policy(1000, 100, Duration::from_secs(3600)))
             .await
             .expect("the batch ended at the in-flight limit");
         assert_eq!(batch.len(), 120);
-        assert_eq!(
-            batch.iter().filter(|p| p.qos == QoS::AtLeastOnce).count(),
-            100
-        );
+        assert_eq!(qos1(&batch), 100);
+    }
+
+    #[tokio::test]
+    async fn the_in_flight_limit_is_counted_per_connection() {
+        // 99 unacked on each of two connections: neither is at the broker's limit yet, so the
+        // batch goes on; the 100th on connection 1 ends it.
+        let mut queued: Vec<Delivery> = Vec::new();
+        for _ in 0..99 {
+            queued.push(on(0, QoS::AtLeastOnce));
+            queued.push(on(1, QoS::AtLeastOnce));
+        }
+        queued.extend((0..5).map(|_| on(1, QoS::AtLeastOnce)));
+        let batch = fill(queued, policy(1000, 100, Duration::from_secs(3600)))
+            .await
+            .expect("the batch ended at connection 1's in-flight limit");
+        assert_eq!(batch.len(), 199);
+        assert_eq!(batch.iter().filter(|d| d.connection == 1).count(), 100);
     }
 
     #[tokio::test]
     async fn without_a_known_limit_a_batch_waits_for_its_interval_or_its_size() {
-        let queued: Vec<Publish> = (0..150).map(|_| publish(QoS::AtLeastOnce)).collect();
+        let queued = || {
+            (0..150)
+                .map(|_| publish(QoS::AtLeastOnce))
+                .collect::<Vec<_>>()
+        };
         // No limit: all 150 queued messages, then the 50 ms interval ends the batch.
-        let batch = fill(queued.clone(), policy(1000, 0, Duration::from_millis(50)));
+        let batch = fill(queued(), policy(1000, 0, Duration::from_millis(50)));
         assert_eq!(batch.await.map(|b| b.len()), Some(150));
         // QoS 0 only: the limit never applies.
-        let qos0: Vec<Publish> = (0..150).map(|_| publish(QoS::AtMostOnce)).collect();
+        let qos0: Vec<Delivery> = (0..150).map(|_| publish(QoS::AtMostOnce)).collect();
         let batch = fill(qos0, policy(1000, 100, Duration::from_millis(50)));
         assert_eq!(batch.await.map(|b| b.len()), Some(150));
         // The size limit still applies first.
-        let batch = fill(queued, policy(40, 100, Duration::from_secs(3600)));
+        let batch = fill(queued(), policy(40, 100, Duration::from_secs(3600)));
         assert_eq!(batch.await.map(|b| b.len()), Some(40));
     }
 }

@@ -84,9 +84,10 @@ pub struct Agent {
     http_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     stopping: Arc<AtomicBool>,
-    client: rumqttc::AsyncClient,
+    /// One per MQTT connection (`mqtt.connections`), with its task.
+    clients: Vec<rumqttc::AsyncClient>,
     pipeline: JoinHandle<()>,
-    connection: JoinHandle<()>,
+    connections: Vec<JoinHandle<()>>,
     uploader: JoinHandle<()>,
     http: JoinHandle<()>,
 }
@@ -114,23 +115,34 @@ impl Agent {
                 addr: cfg.http.listen,
                 source,
             })?;
-        let (client, eventloop) = ingest::connect(&cfg).map_err(AgentError::Config)?;
         let (tx, rx) = mpsc::channel(cfg.ingest.queue_messages);
         let stopping = Arc::new(AtomicBool::new(false));
-        let connection = tokio::spawn(ingest::run_connection(
-            eventloop,
-            client.clone(),
-            cfg.mqtt.topics.clone(),
-            tx,
-            metrics.clone(),
-            Duration::from_millis(cfg.mqtt.reconnect_max_backoff_ms),
-            stopping.clone(),
-        ));
+        let topics = cfg.subscription_filters();
+        let mut clients = Vec::new();
+        let mut connections = Vec::new();
+        for index in 0..cfg.mqtt.connections.max(1) {
+            let (client, eventloop) = ingest::connect(&cfg, index).map_err(AgentError::Config)?;
+            let connection = ingest::Connection {
+                eventloop,
+                client: client.clone(),
+                index,
+                topics: topics.clone(),
+            };
+            connections.push(tokio::spawn(ingest::run_connection(
+                connection,
+                tx.clone(),
+                metrics.clone(),
+                Duration::from_millis(cfg.mqtt.reconnect_max_backoff_ms),
+                stopping.clone(),
+            )));
+            clients.push(client);
+        }
+        drop(tx);
         let outbox_ready = Arc::new(Notify::new());
         let pipeline = tokio::spawn(ingest::run_pipeline(
             pipeline,
             rx,
-            client.clone(),
+            clients.clone(),
             ingest::BatchPolicy::from_config(&cfg),
             metrics.clone(),
             outbox_ready.clone(),
@@ -143,9 +155,9 @@ impl Agent {
             http_addr,
             shutdown,
             stopping,
-            client,
+            clients,
             pipeline,
-            connection,
+            connections,
             uploader,
             http,
         })
@@ -167,13 +179,16 @@ impl Agent {
         let _ = self.pipeline.await;
         self.stopping.store(true, Ordering::Relaxed);
         // Queued behind the last acks, so those reach the broker first.
-        let _ = self.client.try_disconnect();
-        let mut connection = self.connection;
-        if tokio::time::timeout(Duration::from_secs(3), &mut connection)
-            .await
-            .is_err()
-        {
-            connection.abort();
+        for client in &self.clients {
+            let _ = client.try_disconnect();
+        }
+        for mut connection in self.connections {
+            if tokio::time::timeout(Duration::from_secs(3), &mut connection)
+                .await
+                .is_err()
+            {
+                connection.abort();
+            }
         }
         let _ = self.uploader.await;
         let _ = self.http.await;
@@ -183,7 +198,9 @@ impl Agent {
     /// flight are lost. (A real `kill -9` is tested with the binary.)
     pub fn abort(self) {
         self.pipeline.abort();
-        self.connection.abort();
+        for connection in &self.connections {
+            connection.abort();
+        }
         self.uploader.abort();
         self.http.abort();
     }

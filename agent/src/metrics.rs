@@ -35,6 +35,14 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// One up (`true`) or one down, not below zero: for gauges that count things.
+    pub fn step(&self, up: bool) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(if up { v + 1 } else { v.saturating_sub(1) })
+            });
+    }
 }
 
 /// Counts keyed by a reason label. Reasons are `&'static str`, so the label set is bounded.
@@ -225,7 +233,7 @@ pub struct Metrics {
     /// Streams holding open windows, counted against `window.max_streams`.
     pub active_streams: Gauge,
     pub mqtt_connected: Gauge,
-    /// 1 once the broker acknowledged our subscriptions on the current connection.
+    /// Connections whose subscriptions the broker acknowledged (1 with a single connection).
     pub mqtt_subscribed: Gauge,
 }
 
@@ -492,12 +500,12 @@ impl Metrics {
         );
         gauge(
             "mqtt_connected",
-            "1 while connected to the broker.",
+            "MQTT connections to the broker that are up (mqtt.connections when all are).",
             self.mqtt_connected.get(),
         );
         gauge(
             "mqtt_subscribed",
-            "1 once subscriptions are acknowledged.",
+            "MQTT connections whose subscriptions are acknowledged.",
             self.mqtt_subscribed.get(),
         );
         out

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use edgewise_agent::Metrics;
-use edgewise_agent::ingest::{connect, run_connection};
+use edgewise_agent::ingest::{Connection, connect, run_connection};
 
 #[tokio::test]
 async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
@@ -17,14 +17,18 @@ async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
     const MESSAGES: usize = 60;
     let setup = common::Setup::new();
     let cfg = setup.agent_config(common::free_addr());
-    let (client, eventloop) = connect(&cfg).unwrap();
+    let (client, eventloop) = connect(&cfg, 0).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE);
     let metrics = Arc::new(Metrics::default());
     let stopping = Arc::new(AtomicBool::new(false));
-    let connection = tokio::spawn(run_connection(
+    let connection = Connection {
         eventloop,
-        client.clone(),
-        cfg.mqtt.topics.clone(),
+        client: client.clone(),
+        index: 0,
+        topics: cfg.subscription_filters(),
+    };
+    let connection = tokio::spawn(run_connection(
+        connection,
         tx,
         metrics.clone(),
         Duration::from_millis(500),
@@ -51,7 +55,8 @@ async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
         let p = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("the connection resumed reading")
-            .expect("the connection is running");
+            .expect("the connection is running")
+            .publish;
         client.ack(&p).await.unwrap();
         assert!(rx.len() <= QUEUE);
         got.push(p.payload.to_vec());

@@ -94,6 +94,32 @@ async fn known_readings_become_exact_summaries_at_the_cloud() {
     receiver.stop().await;
 }
 
+/// Three connections holding shared subscriptions: the broker splits the messages between
+/// them and each is delivered, acked and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shared_connections_deliver_every_reading_exactly_once() {
+    let setup = Setup::new();
+    let receiver = setup.cloud.start(free_addr()).await;
+    let mut cfg = setup.agent_config(receiver.local_addr());
+    cfg.mqtt.connections = 3;
+    let agent = Agent::start(cfg).await.unwrap();
+    subscribed_on(&agent, 3).await;
+    assert_eq!(agent.metrics().mqtt_connected.get(), 3);
+
+    publish_all(&setup.broker, &known_readings(&setup)).await;
+    let m = agent.metrics().clone();
+    wait_until(15, "4 summaries synced", || m.summaries_synced.get() == 4).await;
+
+    assert_eq!(m.readings_accepted.get(), 20);
+    assert_eq!(m.readings_rejected.get("duplicate"), 0);
+    assert_eq!(m.readings_rejected.get("out_of_range"), 1);
+    assert_eq!(m.acks_sent.get(), 21);
+    assert_known_summaries(&setup);
+    agent.stop().await;
+    assert_eq!(m.mqtt_connected.get(), 0);
+    receiver.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_for_part_of_the_run_loses_and_duplicates_nothing() {
     let setup = Setup::new();
@@ -132,10 +158,11 @@ enum Interruption {
 
 /// Publishes half of the readings, interrupts the agent, starts a new one on the same
 /// database and session, publishes the rest, and checks the exact summaries at the cloud.
-async fn interrupted_mid_window(how: Interruption) {
+async fn interrupted_mid_window(how: Interruption, connections: usize) {
     let setup = Setup::new();
     let receiver = setup.cloud.start(free_addr()).await;
-    let cfg = setup.agent_config(receiver.local_addr());
+    let mut cfg = setup.agent_config(receiver.local_addr());
+    cfg.mqtt.connections = connections;
     let all = known_readings(&setup);
     let (first, second) = all.split_at(all.len() / 2);
 
@@ -143,7 +170,7 @@ async fn interrupted_mid_window(how: Interruption) {
     let mut long_idle = cfg.clone();
     long_idle.window.idle_timeout_ms = 600_000;
     let agent = Agent::start(long_idle).await.unwrap();
-    subscribed(&agent).await;
+    subscribed_on(&agent, connections as u64).await;
     publish_all(&setup.broker, first).await;
     let m = agent.metrics().clone();
     match how {
@@ -163,7 +190,7 @@ async fn interrupted_mid_window(how: Interruption) {
 
     // Second run: rebuilt from the journal, receives the rest (and any redeliveries).
     let agent = Agent::start(cfg).await.unwrap();
-    subscribed(&agent).await;
+    subscribed_on(&agent, connections as u64).await;
     publish_all(&setup.broker, second).await;
     wait_until(15, "4 summaries stored", || setup.cloud.stored().len() == 4).await;
     assert_known_summaries(&setup);
@@ -173,12 +200,17 @@ async fn interrupted_mid_window(how: Interruption) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restarted_mid_window_still_reports_the_exact_window() {
-    interrupted_mid_window(Interruption::CleanStop).await;
+    interrupted_mid_window(Interruption::CleanStop, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_crashed_mid_window_loses_nothing_it_acked() {
-    interrupted_mid_window(Interruption::Crash).await;
+    interrupted_mid_window(Interruption::Crash, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_with_three_shared_connections_crashed_mid_window_loses_nothing_it_acked() {
+    interrupted_mid_window(Interruption::Crash, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

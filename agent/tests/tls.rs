@@ -183,7 +183,7 @@ fn config(dir: &Path, mqtt: &str, sync: &str) -> AgentConfig {
 /// Connects as the agent does and answers Ok at the broker's ConnAck, or the error (with the
 /// agent's explanation of a refusal).
 async fn connect_outcome(cfg: &AgentConfig) -> Result<(), String> {
-    let (_client, mut eventloop) = ingest::connect(cfg)?;
+    let (_client, mut eventloop) = ingest::connect(cfg, 0)?;
     let outcome = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match eventloop.poll().await {
@@ -454,7 +454,7 @@ fn tls_settings_with_a_plaintext_url_are_refused_by_check() {
 async fn publish_tls(cfg: &AgentConfig, messages: &[(String, Vec<u8>)]) {
     let mut cfg = cfg.clone();
     cfg.mqtt.client_id = Some(unique("sensor"));
-    let (client, eventloop) = ingest::connect(&cfg).unwrap();
+    let (client, eventloop) = ingest::connect(&cfg, 0).unwrap();
     common::publish_on(client, eventloop, messages).await;
 }
 

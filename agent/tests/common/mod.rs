@@ -263,6 +263,14 @@ pub async fn wait_until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
 }
 
 pub async fn subscribed(agent: &edgewise_agent::Agent) {
+    subscribed_on(agent, 1).await;
+}
+
+/// Waits until each of the agent's `connections` MQTT connections has subscribed.
+pub async fn subscribed_on(agent: &edgewise_agent::Agent, connections: u64) {
     let m = agent.metrics().clone();
-    wait_until(10, "the agent subscribed", || m.mqtt_subscribed.get() == 1).await;
+    wait_until(10, "the agent subscribed", || {
+        m.mqtt_subscribed.get() == connections
+    })
+    .await;
 }

@@ -333,18 +333,26 @@ pub async fn run_pipeline(
     let origin = Instant::now();
     let mut batch: Vec<Delivery> = Vec::with_capacity(policy.max_messages);
     let mut retry_delay = Duration::from_millis(50);
+    // Windows the last close left due (see `Pipeline::close_due`): closed without waiting.
+    let mut closing_pending = false;
     loop {
         if *shutdown.borrow() {
             return;
         }
         if batch.is_empty() {
+            let tick = if closing_pending {
+                Duration::ZERO
+            } else {
+                policy.tick
+            };
             tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
                 m = rx.recv() => match m {
                     Some(p) => batch.push(p),
                     None => return,
                 },
-                _ = tokio::time::sleep(policy.tick) => {}
-                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(tick) => {}
             }
             if !batch.is_empty() {
                 fill_batch(&mut rx, &mut batch, &policy, clients.len()).await;
@@ -378,6 +386,7 @@ pub async fn run_pipeline(
         };
         pipeline = p;
         batch = b;
+        closing_pending = pipeline.closing_pending();
 
         match committed {
             Ok(()) => {

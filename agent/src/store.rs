@@ -1417,7 +1417,7 @@ mod tests {
             for r in &rs {
                 w.add(r.as_view(), 0);
             }
-            let closed = w.advance(0);
+            let closed = w.advance(0, usize::MAX);
             assert_eq!(closed.len(), 1);
             store
                 .commit_closed(&closed, w.journal_horizon(), 0)

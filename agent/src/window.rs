@@ -627,7 +627,12 @@ impl Windows {
     /// on, when every stream is (idleness is a matter of processing time, which no reading
     /// marks); the result is the same as walking every stream on every call, which the tests
     /// check against `force_full_scan`.
-    pub fn advance(&mut self, now_ms: i64) -> Vec<ClosedWindow> {
+    ///
+    /// Due streams are taken until `max_windows` windows closed (at least one stream per call):
+    /// the others stay due for the next call ([`Windows::closing_pending`]), so one call never
+    /// holds the caller for a whole boundary of 10,000 streams. Their windows stay open in the
+    /// meantime and take readings as open windows do. The walk over every stream is not cut.
+    pub fn advance(&mut self, now_ms: i64, max_windows: usize) -> Vec<ClosedWindow> {
         let mut out = Vec::new();
         let mut closer = Closer {
             spec: self.spec,
@@ -651,15 +656,21 @@ impl Windows {
             self.due.clear();
             self.next_scan_ms = next_scan;
         } else {
-            for name in self.due.drain(..) {
-                let Some(s) = self.streams.get_mut(&name) else {
+            let mut taken = 0;
+            for name in &self.due {
+                if closer.out.len() >= max_windows {
+                    break;
+                }
+                taken += 1;
+                let Some(s) = self.streams.get_mut(name) else {
                     continue;
                 };
                 s.due = false;
                 if s.is_active() {
-                    changes.push(closer.close(&name, s));
+                    changes.push(closer.close(name, s));
                 }
             }
+            self.due.drain(..taken);
         }
         for c in changes {
             self.panes -= c.panes_dropped;
@@ -683,6 +694,12 @@ impl Windows {
                 ))
         });
         out
+    }
+
+    /// Whether streams are still due after an [`Windows::advance`] that stopped at its
+    /// `max_windows`.
+    pub fn closing_pending(&self) -> bool {
+        !self.due.is_empty()
     }
 
     /// Makes the next [`Windows::advance`] walk every stream (tests: the reference behaviour).
@@ -914,12 +931,12 @@ mod tests {
             &[r("s", 1_000, 1.0), r("s", 5_000, 3.0), r("s", 9_999, 2.0)],
             0,
         );
-        assert!(w.advance(0).is_empty());
+        assert!(w.advance(0, usize::MAX).is_empty());
         // 11_999 - 2_000 lateness < 10_000: still open.
         feed(&mut w, &[r("s", 11_999, 7.0)], 0);
-        assert!(w.advance(0).is_empty());
+        assert!(w.advance(0, usize::MAX).is_empty());
         feed(&mut w, &[r("s", 12_000, 8.0)], 0);
-        let closed = w.advance(0);
+        let closed = w.advance(0, usize::MAX);
         assert_eq!(closed.len(), 1);
         let s = &closed[0].summary;
         assert_eq!((s.window_start_ms, s.window_end_ms), (0, 10_000));
@@ -946,7 +963,7 @@ mod tests {
             vec![Admission::Open]
         );
         feed(&mut w, &[r("s", 25_000, 1.0)], 0);
-        assert_eq!(w.advance(0).len(), 2);
+        assert_eq!(w.advance(0, usize::MAX).len(), 2);
         assert_eq!(w.admit(r("s", 9_500, 1.0).as_view()), Admission::Late);
         assert_eq!(w.admit(r("s", 19_999, 1.0).as_view()), Admission::Late);
         assert_eq!(w.admit(r("s", 20_000, 1.0).as_view()), Admission::Open);
@@ -959,8 +976,8 @@ mod tests {
         let mut w = Windows::new("gw", SPEC);
         // Watermark 9_000: neither window is due by event time.
         feed(&mut w, &[r("s", 1_000, 1.0), r("s", 11_000, 2.0)], 100);
-        assert!(w.advance(100 + 59_999).is_empty());
-        let closed = w.advance(100 + 60_000);
+        assert!(w.advance(100 + 59_999, usize::MAX).is_empty());
+        let closed = w.advance(100 + 60_000, usize::MAX);
         assert_eq!(closed.len(), 2);
         assert_eq!(w.open_windows(), 0);
         assert_eq!(w.active_streams(), 0);
@@ -997,7 +1014,7 @@ mod tests {
             0,
         );
         // Watermark 11_000: [-5s, 5s) and [0, 10s) are due.
-        let closed = w.advance(0);
+        let closed = w.advance(0, usize::MAX);
         assert_eq!(starts(&closed), vec![(-5_000, 0, 1), (0, 0, 2)]);
         assert_eq!(closed[1].summary.mean, 1.5);
         assert_eq!(closed[1].summary.window_end_ms, 10_000);
@@ -1005,7 +1022,7 @@ mod tests {
         assert_eq!(closed[1].release_ms, 5_000);
         assert_eq!(w.admit(r("s", 4_999, 0.0).as_view()), Admission::Late);
         assert_eq!(w.admit(r("s", 5_000, 0.0).as_view()), Admission::Open);
-        let closed = w.advance(i64::MAX);
+        let closed = w.advance(i64::MAX, usize::MAX);
         assert_eq!(starts(&closed), vec![(5_000, 0, 2), (10_000, 0, 1)]);
         let s = &closed[0].summary;
         assert_eq!((s.min, s.max, s.mean), (2.0, 3.0, 2.5));
@@ -1018,7 +1035,7 @@ mod tests {
         let spec = revise(WindowSpec::tumbling(10_000, 0, 60_000), 20_000);
         let mut w = Windows::new("gw", spec);
         feed(&mut w, &[r("s", 1_000, 1.0), r("s", 12_000, 2.0)], 0);
-        let closed = w.advance(0);
+        let closed = w.advance(0, usize::MAX);
         assert_eq!(starts(&closed), vec![(0, 0, 1)]);
         assert!(closed[0].keep_revision);
         // Still revisable: the journal keeps its readings.
@@ -1027,7 +1044,7 @@ mod tests {
             feed(&mut w, &[r("s", 5_000, 3.0)], 0),
             vec![Admission::Revision]
         );
-        let closed = w.advance(0);
+        let closed = w.advance(0, usize::MAX);
         assert_eq!(starts(&closed), vec![(0, 1, 2)]);
         assert_eq!(closed[0].summary.mean, 2.0);
         assert_eq!(closed[0].summary.last_value, 3.0);
@@ -1037,10 +1054,10 @@ mod tests {
             s.id()
         });
         // Nothing new, nothing emitted.
-        assert!(w.advance(0).is_empty());
+        assert!(w.advance(0, usize::MAX).is_empty());
         // closed_until 35_000: windows ending at or before 15_000 are final.
         feed(&mut w, &[r("s", 35_000, 1.0)], 0);
-        let closed = w.advance(0);
+        let closed = w.advance(0, usize::MAX);
         assert_eq!(starts(&closed), vec![(10_000, 0, 1)]);
         assert_eq!(closed[0].release_ms, 10_000);
         assert_eq!(w.admit(r("s", 9_999, 1.0).as_view()), Admission::Late);
@@ -1056,7 +1073,7 @@ mod tests {
             &[r("s", 1_000, 1.0), r("s", 11_000, 2.0), r("s", 21_000, 3.0)],
             0,
         );
-        let closed = w.advance(0);
+        let closed = w.advance(0, usize::MAX);
         assert_eq!(starts(&closed), vec![(0, 0, 1), (10_000, 0, 1)]);
         // A late reading for [10s, 20s) is journaled, then the agent crashes before emitting.
         let journal = [
@@ -1074,8 +1091,8 @@ mod tests {
         for x in &journal {
             w.add(x.as_view(), 0);
         }
-        assert_eq!(starts(&w.advance(0)), vec![(10_000, 1, 2)]);
-        assert!(w.advance(0).is_empty());
+        assert_eq!(starts(&w.advance(0, usize::MAX)), vec![(10_000, 1, 2)]);
+        assert!(w.advance(0, usize::MAX).is_empty());
     }
 
     #[test]
@@ -1083,14 +1100,49 @@ mod tests {
         let spec = revise(WindowSpec::tumbling(10_000, 0, 1_000), 30_000);
         let mut w = Windows::new("gw", spec);
         feed(&mut w, &[r("s", 1_000, 1.0)], 0);
-        assert_eq!(starts(&w.advance(1_000)), vec![(0, 0, 1)]);
+        assert_eq!(starts(&w.advance(1_000, usize::MAX)), vec![(0, 0, 1)]);
         // Kept for revisions while the horizon lasts (in processing time, as it is idle).
         assert_eq!(w.active_streams(), 1);
-        assert!(w.advance(30_999).is_empty());
+        assert!(w.advance(30_999, usize::MAX).is_empty());
         assert_eq!(w.active_streams(), 1);
-        assert!(w.advance(31_000).is_empty());
+        assert!(w.advance(31_000, usize::MAX).is_empty());
         assert_eq!((w.active_streams(), w.open_windows()), (0, 0));
         assert_eq!(w.admit(r("s", 5_000, 1.0).as_view()), Admission::Late);
+    }
+
+    #[test]
+    fn a_boundary_of_many_streams_closes_in_chunks_with_the_same_windows() {
+        let readings: Vec<Reading> = (0..3_000)
+            .flat_map(|i| {
+                let s = format!("n{i}/t");
+                [r(&s, 1_000, i as f64), r(&s, 12_000, 0.0)]
+            })
+            .collect();
+        let mut whole = Windows::new("gw", SPEC);
+        let mut chunked = Windows::new("gw", SPEC);
+        feed(&mut whole, &readings, 0);
+        feed(&mut chunked, &readings, 0);
+        let all = whole.advance(0, usize::MAX);
+        assert_eq!(all.len(), 3_000);
+        assert!(!whole.closing_pending());
+
+        let mut sizes = Vec::new();
+        let mut parts = Vec::new();
+        loop {
+            let part = chunked.advance(0, 1_024);
+            sizes.push(part.len());
+            parts.extend(part);
+            if !chunked.closing_pending() {
+                break;
+            }
+            // Left due, still open: the window holds its readings until its turn comes.
+            assert_eq!(chunked.open_windows(), 6_000 - parts.len());
+        }
+        assert_eq!(sizes, [1_024, 1_024, 952]);
+        parts.sort_by(|a, b| a.summary.stream.cmp(&b.summary.stream));
+        assert_eq!(parts, all);
+        assert_eq!(chunked.open_windows(), 3_000);
+        assert_eq!(chunked.journal_horizon(), whole.journal_horizon());
     }
 
     #[test]
@@ -1104,7 +1156,7 @@ mod tests {
         assert_eq!(w.admit(r("c", 0, 1.0).as_view()), Admission::StreamLimit);
         assert_eq!(w.admit(r("a", 500, 1.0).as_view()), Admission::Open);
         assert!(w.is_active("a") && !w.is_active("c"));
-        assert_eq!(w.advance(1_000).len(), 2);
+        assert_eq!(w.advance(1_000, usize::MAX).len(), 2);
         assert_eq!(w.active_streams(), 0);
         assert_eq!(w.admit(r("c", 0, 1.0).as_view()), Admission::Open);
     }
@@ -1118,7 +1170,7 @@ mod tests {
         let mut w = Windows::new("gw", spec);
         let rs: Vec<Reading> = (1..=1000).map(|i| r("s", i, i as f64)).collect();
         feed(&mut w, &rs, 0);
-        let closed = w.advance(1_000);
+        let closed = w.advance(1_000, usize::MAX);
         let q = closed[0].summary.quantiles.clone().unwrap();
         assert_eq!(q.relative_error, 0.01);
         // Ranks floor(q * 999): 499, 899, 989 -> values 500, 900, 990.
@@ -1300,11 +1352,11 @@ mod tests {
                 if i == restart_at {
                     // Advance first: a pending revision would be emitted after the restart too,
                     // but into a different emission step than the reference expects.
-                    let c = w.advance(0);
+                    let c = w.advance(0, usize::MAX);
                     persisted.commit(&c);
                     emitted.extend(c.into_iter().map(|c| (i, c)));
                     w = persisted.restart(spec);
-                    prop_assert!(w.advance(0).is_empty(), "a restart re-emitted a window");
+                    prop_assert!(w.advance(0, usize::MAX).is_empty(), "a restart re-emitted a window");
                 }
                 let x = r(&format!("s{s}"), *t, *v);
                 let newest = max_event.get(&x.stream).copied();
@@ -1325,12 +1377,12 @@ mod tests {
                     }
                 }
                 if *tick == 0 {
-                    let c = w.advance(0);
+                    let c = w.advance(0, usize::MAX);
                     persisted.commit(&c);
                     emitted.extend(c.into_iter().map(|c| (i + 1, c)));
                 }
             }
-            let c = w.advance(i64::MAX);
+            let c = w.advance(i64::MAX, usize::MAX);
             emitted.extend(c.into_iter().map(|c| (events.len(), c)));
 
             let mut revisions: BTreeMap<(String, i64), Vec<(u32, u64)>> = BTreeMap::new();
@@ -1393,7 +1445,7 @@ mod tests {
                 }
                 if tick == 0 {
                     reference.force_full_scan();
-                    prop_assert_eq!(fast.advance(now), reference.advance(now));
+                    prop_assert_eq!(fast.advance(now, usize::MAX), reference.advance(now, usize::MAX));
                     prop_assert_eq!(fast.active_streams(), reference.active_streams());
                     let panes: usize = reference.streams.values().map(|s| s.panes.len()).sum();
                     prop_assert_eq!(fast.open_windows(), panes);
@@ -1405,7 +1457,7 @@ mod tests {
             let end = now + idle_timeout_ms + spec.horizon_ms();
             for _ in 0..2 {
                 reference.force_full_scan();
-                prop_assert_eq!(fast.advance(end), reference.advance(end));
+                prop_assert_eq!(fast.advance(end, usize::MAX), reference.advance(end, usize::MAX));
             }
             prop_assert_eq!(fast.open_windows(), 0);
             prop_assert_eq!(fast.active_streams(), 0);

@@ -105,7 +105,7 @@ impl Pipeline {
                 "rebuilt open windows from the journal"
             );
         }
-        let filter = Filter::build(&cfg.filters, Filter::DEFAULT_MAX_STREAMS)
+        let filter = Filter::build(&cfg.filters, contract_state_streams(cfg))
             .map_err(PipelineError::Filter)?;
         let formats = TopicFormats::build(&cfg.ingest.topic_format, cfg.ingest.format)
             .map_err(PipelineError::Filter)?;
@@ -422,6 +422,16 @@ impl Pipeline {
     }
 }
 
+/// How many streams' contract state (deadband, rate) is kept: twice the streams the windows may
+/// hold, at least [`Filter::DEFAULT_MAX_STREAMS`]. A table smaller than the active streams
+/// forgets and rebuilds a stream's state on nearly every reading (with 20,000 streams and the
+/// old fixed 16,384 slots that was a fifth of the agent's time, and deadbands forgotten); the
+/// slack leaves room for streams refused by the window cap. Slots are allocated as streams
+/// appear.
+fn contract_state_streams(cfg: &AgentConfig) -> usize {
+    Filter::DEFAULT_MAX_STREAMS.max(cfg.window.max_streams.saturating_mul(2))
+}
+
 /// The windows as the store left them: closed_until per stream, the revisions still revisable,
 /// then the journal replayed in arrival order (which restores the panes exactly, including
 /// Welford's rounding; a window whose readings outnumber its last emission is re-emitted). Also
@@ -494,6 +504,34 @@ mod tests {
         }];
         let n = encode_pack(&format!("{node}/"), t_s, &rec, &mut buf).unwrap();
         buf[..n].to_vec()
+    }
+
+    #[test]
+    fn contract_state_is_kept_for_every_stream_the_windows_may_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.window.max_streams = 20_000;
+        assert_eq!(contract_state_streams(&cfg), 40_000);
+        let metrics = Arc::new(Metrics::default());
+        let mut p = Pipeline::open(&cfg, metrics.clone()).unwrap();
+        let payloads: Vec<(String, Vec<u8>)> = (0..20_000)
+            .map(|i| {
+                let node = format!("n{i}");
+                let pack = pack(&node, 1.0, 20.0);
+                (format!("sensors/{node}"), pack)
+            })
+            .collect();
+        for round in 0..2 {
+            let batch: Vec<Message<'_>> = payloads
+                .iter()
+                .map(|(topic, payload)| Message { topic, payload })
+                .collect();
+            p.ingest(&batch, 0, round).unwrap();
+        }
+        // 20,000 streams over the old fixed table of 16,384: every reading evicted another.
+        assert_eq!(metrics.contract_state_evictions.get(), 0);
+        assert_eq!(metrics.readings_accepted.get(), 20_000);
+        assert_eq!(metrics.readings_rejected.get("duplicate"), 20_000);
     }
 
     #[test]

@@ -74,6 +74,10 @@ struct Args {
     /// for their ack; 0: never early).
     #[arg(long, default_value_t = 100)]
     broker_max_inflight: usize,
+    /// The agent's `mqtt.connections` (more than one: shared subscriptions, each connection
+    /// with its own in-flight window).
+    #[arg(long, default_value_t = 1)]
+    agent_connections: usize,
     /// The agent's `window.window_seconds`.
     #[arg(long, default_value_t = 10)]
     window_seconds: u64,
@@ -238,6 +242,7 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
         commit_interval_ms: args.commit_interval_ms,
         commit_max_messages: args.commit_max_messages,
         broker_max_inflight: args.broker_max_inflight,
+        agent_connections: args.agent_connections,
         run_id,
     };
 
@@ -432,6 +437,7 @@ fn write_json(args: &Args, cases: &[CaseResult], elapsed: Duration) -> anyhow::R
             "commit_interval_ms": args.commit_interval_ms,
             "commit_max_messages": args.commit_max_messages,
             "broker_max_inflight": args.broker_max_inflight,
+            "agent_connections": args.agent_connections,
             "window_seconds": args.window_seconds,
         },
         "cases": cases,

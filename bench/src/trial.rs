@@ -44,6 +44,8 @@ pub struct Env {
     pub commit_interval_ms: u64,
     pub commit_max_messages: usize,
     pub broker_max_inflight: usize,
+    /// The agent's `mqtt.connections`.
+    pub agent_connections: usize,
     pub run_id: String,
 }
 
@@ -388,7 +390,7 @@ impl AgentProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(m) = agent.metrics().await
-                && metric(&m, "edgewise_agent_mqtt_subscribed") == 1
+                && metric(&m, "edgewise_agent_mqtt_subscribed") == env.agent_connections as u64
             {
                 return Ok(agent);
             }
@@ -503,7 +505,7 @@ url = "mqtt://{broker}"
 client_id = "{agent_id}"
 topics = ["{filter}"]
 broker_max_inflight = {broker_max_inflight}
-[ingest]
+{connections}[ingest]
 commit_interval_ms = {commit_interval_ms}
 commit_max_messages = {commit_max_messages}
 [store]
@@ -535,6 +537,11 @@ streams = ["+/temperature"]
         commit_interval_ms = env.commit_interval_ms,
         commit_max_messages = env.commit_max_messages,
         broker_max_inflight = env.broker_max_inflight,
+        // Only when set: an agent binary from before `mqtt.connections` can still be measured.
+        connections = match env.agent_connections {
+            1 => String::new(),
+            n => format!("connections = {n}\n"),
+        },
         db = dir.join("agent.db").display(),
         window_seconds = env.window_seconds,
         cloud = env.cloud_addr,

@@ -20,6 +20,10 @@
 //!
 //! Scoring reuses the two tract states and one input buffer across calls (no re-planning per
 //! batch).
+//!
+//! On x86_64 with AVX-512 the full-batch plan's layers run on the kernel [`kernel_choice`] names
+//! (tract's own cost model picks 40x2 and 24x4 tiles for these narrow layers, which are slower
+//! here); the choice is registered with tract-linalg and changes nothing else.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -514,6 +518,47 @@ fn plan_state(model: TypedModel, path: &Path) -> Result<PlanState, InferenceErro
         .map_err(|e| InferenceError::tract(path, "preparing the run state", e))
 }
 
+/// The agent's matmul kernel choice, registered with tract-linalg as a dispatch tier above its
+/// own x86_64 tiers: for an f32 product with a full batch of rows (`m` >= 128, known), a narrow
+/// layer (`n` a multiple of 8 up to 64) and a short inner dimension (`k` <= 64), the AVX-512
+/// 16x8 kernel. Anything else (the symbolic-batch plan, `n` = 1 or 7, other machines) is left
+/// to tract's tiers. Measured with `models/bench.sh` (README, "Edge inference"): tract's cost
+/// model picks `fma_mmm_f32_40x2` and `fma_mmm_f32_24x4` for the anomaly model's 32- and
+/// 16-wide layers at 256 rows, and 40x2 for the fault model's 64-wide first layer.
+mod kernel_choice {
+    use tract_onnx::prelude::DatumType;
+    use tract_onnx::tract_hir::tract_core::tract_linalg::isa::{Arch, Isa, IsaSet};
+    use tract_onnx::tract_hir::tract_core::tract_linalg::mmm::{Query, Suitable};
+    use tract_onnx::tract_hir::tract_core::tract_linalg::mmm_tiers::MmmTier;
+
+    pub(super) const KERNEL: &str = "avx512_mmm_f32_16x8";
+
+    /// Which kernel the tier names for `query`, `None` to leave it to tract.
+    pub(super) fn preferred(
+        _isa: &IsaSet,
+        dt: DatumType,
+        query: &Query,
+        _suitable: &[Suitable],
+    ) -> Option<&'static str> {
+        let (Some(m), Some(k), Some(n)) = (query.m, query.k, query.n) else {
+            return None;
+        };
+        let narrow_layer = n % 8 == 0 && (8..=64).contains(&n) && k <= 64;
+        (dt == DatumType::F32 && m >= 128 && narrow_layer).then_some(KERNEL)
+    }
+
+    inventory::submit! {
+        MmmTier {
+            arch: Some(Arch::X86_64),
+            // Above tract's x86_64 tiers (1 to 8); a name the query cannot reach defers to them.
+            precedence: 9,
+            name: "edgewise-narrow-layers",
+            applies: |isa| isa.has(Isa::X86_64Avx512f) && isa.has(Isa::X86_64Fma),
+            preferred,
+        }
+    }
+}
+
 /// Checks what the ONNX file declares about its input before the agent overrides the batch
 /// dimension: rank 2, `width` features, f32. Unknown (undeclared) parts pass; tract's typing then
 /// checks them against the weights.
@@ -561,6 +606,31 @@ mod tests {
         let exps: Vec<f64> = row.iter().map(|&x| (x as f64 - max).exp()).collect();
         let sum: f64 = exps.iter().sum();
         exps.iter().map(|e| e / sum).collect()
+    }
+
+    #[test]
+    fn kernel_choice_names_16x8_for_full_batch_narrow_layers_only() {
+        use tract_onnx::tract_hir::tract_core::tract_linalg::isa;
+        use tract_onnx::tract_hir::tract_core::tract_linalg::mmm::Query;
+        let f32_query = |m, k, n| Query::plain(DatumType::F32, m, k, n);
+        let pick = |q: &Query| kernel_choice::preferred(&isa::native(), DatumType::F32, q, &[]);
+        for (k, n) in [(5, 32), (32, 16), (7, 64), (64, 32)] {
+            assert_eq!(
+                pick(&f32_query(Some(256), Some(k), Some(n))),
+                Some(kernel_choice::KERNEL)
+            );
+        }
+        // Left to tract: a symbolic or small batch, n = 1 or 7, a long k, another type.
+        assert_eq!(pick(&f32_query(None, Some(5), Some(32))), None);
+        assert_eq!(pick(&f32_query(Some(64), Some(5), Some(32))), None);
+        assert_eq!(pick(&f32_query(Some(256), Some(16), Some(1))), None);
+        assert_eq!(pick(&f32_query(Some(256), Some(32), Some(7))), None);
+        assert_eq!(pick(&f32_query(Some(256), Some(128), Some(32))), None);
+        let i32_query = Query::plain(DatumType::I32, Some(256), Some(5), Some(32));
+        assert_eq!(
+            kernel_choice::preferred(&isa::native(), DatumType::I32, &i32_query, &[]),
+            None
+        );
     }
 
     #[test]

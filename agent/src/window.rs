@@ -641,13 +641,23 @@ impl Windows {
             closing: &mut self.closing,
             out: &mut out,
         };
-        let mut changes = Vec::new();
+        // Each stream's change moves the counters at once (fields apart from the ones borrowed).
+        let (panes, active, horizon) = (&mut self.panes, &mut self.active, &mut self.horizon);
+        let mut note = |c: StreamChange| {
+            *panes -= c.panes_dropped;
+            if c.deactivated {
+                *active -= 1;
+            }
+            if c.released {
+                *horizon = None;
+            }
+        };
         if now_ms >= self.next_scan_ms {
             let mut next_scan = i64::MAX;
             for (name, s) in self.streams.iter_mut() {
                 s.due = false;
                 if s.is_active() {
-                    changes.push(closer.close(name, s));
+                    note(closer.close(name, s));
                 }
                 if s.is_active() {
                     next_scan = next_scan.min(s.idle_deadline(now_ms, &self.spec));
@@ -667,19 +677,10 @@ impl Windows {
                 };
                 s.due = false;
                 if s.is_active() {
-                    changes.push(closer.close(name, s));
+                    note(closer.close(name, s));
                 }
             }
             self.due.drain(..taken);
-        }
-        for c in changes {
-            self.panes -= c.panes_dropped;
-            if c.deactivated {
-                self.active -= 1;
-            }
-            if c.released {
-                self.horizon = None;
-            }
         }
         out.sort_by(|a, b| {
             (

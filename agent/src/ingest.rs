@@ -468,6 +468,29 @@ mod tests {
             .count()
     }
 
+    #[test]
+    fn each_connection_counts_once_in_the_gauges_across_reconnects() {
+        let m = Metrics::default();
+        let mut a = ConnectionGauges::new(&m);
+        let mut b = ConnectionGauges::new(&m);
+        for _ in 0..2 {
+            // A second ConnAck or SubAck on the same connection (a reconnect) adds nothing.
+            a.connected(true);
+            a.subscribed(true);
+        }
+        b.connected(true);
+        assert_eq!((m.mqtt_connected.get(), m.mqtt_subscribed.get()), (2, 1));
+        // A dropped connection is no longer subscribed either.
+        a.connected(false);
+        assert_eq!((m.mqtt_connected.get(), m.mqtt_subscribed.get()), (1, 0));
+        a.connected(true);
+        a.subscribed(true);
+        // A task that ends (or is aborted) takes its part back.
+        drop(a);
+        drop(b);
+        assert_eq!((m.mqtt_connected.get(), m.mqtt_subscribed.get()), (0, 0));
+    }
+
     #[tokio::test]
     async fn a_batch_commits_when_the_brokers_in_flight_limit_is_reached() {
         // 99 QoS 1, then QoS 0 ones (not counted: the broker needs no ack for them), then the

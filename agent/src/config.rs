@@ -48,6 +48,19 @@ pub struct AgentConfig {
 /// Most MQTT connections an agent reads through (`mqtt.connections`).
 pub const MAX_MQTT_CONNECTIONS: usize = 16;
 
+/// `mqtt.receive_maximum` when not set: enough QoS 1 messages in flight to cover a journal
+/// commit at 100,000 messages/s (a few milliseconds), a few hundred KiB of small readings.
+pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 1000;
+
+/// The MQTT protocol version of the agent's connections (`mqtt.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
@@ -71,6 +84,15 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     /// Trust and client certificate for `mqtts://`.
     pub tls: TlsConfig,
+    /// The MQTT version the agent speaks: `"3.1.1"` (default; every broker, including the
+    /// embedded one) or `"5"` (Mosquitto 1.6+, EMQX, HiveMQ). With 5 the agent tells the broker
+    /// its receive maximum (`receive_maximum`), which Mosquitto uses instead of its
+    /// `max_inflight_messages` for this client.
+    pub protocol: MqttProtocol,
+    /// MQTT 5 only: how many QoS 1 messages the broker may send each connection before they
+    /// are acknowledged (1 to 65535). The agent acks after the journal commit, so this many can
+    /// wait for one commit; Mosquitto's default for 3.1.1 clients is 20.
+    pub receive_maximum: u16,
     /// The broker's limit on QoS 1 messages sent to this client and not yet acknowledged
     /// (Mosquitto: `max_inflight_messages`; rumqttd, the embedded broker: 100, a constant of
     /// rumqttd 0.20 that also applies to QoS 0 messages on a QoS 1 subscription). The agent acks
@@ -78,8 +100,9 @@ pub struct MqttConfig {
     /// sends nothing more: the batch then commits at once instead of waiting out
     /// `ingest.commit_interval_ms`. A limit set too high only costs that wait; one set too low
     /// only makes commits smaller. 0: never commit early. With several `connections` the limit
-    /// is per connection.
-    pub broker_max_inflight: usize,
+    /// is per connection. Default: 100 with MQTT 3.1.1, `receive_maximum` with MQTT 5 (see
+    /// [`AgentConfig::in_flight_limit`]).
+    pub broker_max_inflight: Option<usize>,
     /// MQTT connections the agent reads through (1 to 16). With more than one, each connection
     /// subscribes to every topic filter as a shared subscription (`$share/<group>/<filter>`, the
     /// group named after the client id), so the broker splits the messages between them and
@@ -103,7 +126,9 @@ impl Default for MqttConfig {
             password: None,
             password_file: None,
             tls: TlsConfig::default(),
-            broker_max_inflight: 100,
+            protocol: MqttProtocol::V311,
+            receive_maximum: DEFAULT_RECEIVE_MAXIMUM,
+            broker_max_inflight: None,
             connections: 1,
         }
     }
@@ -542,6 +567,9 @@ impl AgentConfig {
                 format!("must be 1 to {MAX_MQTT_CONNECTIONS}"),
             );
         }
+        if self.mqtt.protocol == MqttProtocol::V5 && self.mqtt.receive_maximum == 0 {
+            bad("mqtt.receive_maximum", "must be 1 to 65535".into());
+        }
         if self.mqtt.keep_alive_seconds < 5 {
             bad("mqtt.keep_alive_seconds", "must be at least 5".into());
         }
@@ -640,6 +668,20 @@ impl AgentConfig {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("edgewise-{}", self.agent_id))
+    }
+
+    /// How many QoS 1 messages the broker sends one connection before our acks: with MQTT 5
+    /// our `receive_maximum`, unless `broker_max_inflight` names a lower limit of the broker's;
+    /// with 3.1.1 `broker_max_inflight` (default 100). 0: never commit early.
+    pub fn in_flight_limit(&self) -> usize {
+        let broker = self.mqtt.broker_max_inflight;
+        match self.mqtt.protocol {
+            MqttProtocol::V311 => broker.unwrap_or(100),
+            MqttProtocol::V5 => {
+                let ours = usize::from(self.mqtt.receive_maximum);
+                broker.map_or(ours, |b| b.min(ours))
+            }
+        }
     }
 
     /// The client id of MQTT connection `index` (see `mqtt.connections`).
@@ -847,6 +889,30 @@ mod tests {
             let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
             assert_eq!(keys, ["mqtt.connections"]);
         }
+    }
+
+    #[test]
+    fn the_in_flight_limit_follows_the_protocol_and_the_receive_maximum() {
+        let limit = |mqtt: &str| {
+            let cfg = AgentConfig::parse(&format!("agent_id = \"a\"\n[mqtt]\n{mqtt}\n")).unwrap();
+            assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+            cfg.in_flight_limit()
+        };
+        assert_eq!(limit(""), 100);
+        assert_eq!(limit("broker_max_inflight = 20"), 20);
+        assert_eq!(limit("protocol = \"3.1.1\"\nbroker_max_inflight = 0"), 0);
+        assert_eq!(limit("protocol = \"5\""), 1000);
+        assert_eq!(limit("protocol = \"5\"\nreceive_maximum = 5000"), 5000);
+        // A broker that sends fewer than we allow (rumqttd: 100) still ends the batch.
+        assert_eq!(limit("protocol = \"5\"\nbroker_max_inflight = 100"), 100);
+
+        let cfg =
+            AgentConfig::parse("agent_id = \"a\"\n[mqtt]\nprotocol = \"5\"\nreceive_maximum = 0\n")
+                .unwrap();
+        let keys: Vec<String> = cfg.problems().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["mqtt.receive_maximum"]);
+        let err = AgentConfig::parse("agent_id = \"a\"\n[mqtt]\nprotocol = \"4\"\n");
+        assert!(err.is_err_and(|e| e.to_string().contains("3.1.1")));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! MQTT ingest: the broker connection and the group-commit loop that feeds the [`Pipeline`].
 //!
 //! Two kinds of task:
-//! - [`run_connection`], one per MQTT connection (`mqtt.connections`), polls the rumqttc
-//!   `EventLoop` (and nothing else, as rumqttc requires), re-subscribes on every ConnAck, backs
+//! - [`run_connection`], one per MQTT connection (`mqtt.connections`), polls its [`Session`]
+//!   (rumqttc's MQTT 3.1.1 or MQTT 5 event loop, `mqtt.protocol`; see [`session`]) and nothing
+//!   else, as rumqttc requires, re-subscribes on every ConnAck, backs
 //!   off on errors, and forwards each publish, tagged with its connection, into one bounded
 //!   channel. A full channel stops the polling: the broker then holds the messages
 //!   (backpressure), memory does not grow. Several connections hold shared subscriptions of one
@@ -13,7 +14,8 @@
 //!   and only after the commit acks the batch's messages, each on the connection it came from, in
 //!   the order received. It also closes due windows on a timer and wakes the uploader.
 //!
-//! The session is persistent (`clean_session = false`, fixed client id) with manual acks: a
+//! The session is persistent (fixed client id; `clean_session = false` in 3.1.1, `clean_start =
+//! false` with a session that never expires in MQTT 5) with manual acks: a
 //! message received but not yet durable is redelivered by the broker after a reconnect or restart,
 //! and the journal's unique key makes that redelivery harmless.
 //!
@@ -23,59 +25,32 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, TlsConfiguration,
-    Transport,
-};
+use rumqttc::QoS;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::{AgentConfig, BrokerUrl};
+use crate::config::AgentConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::{Message, Pipeline};
 
-/// MQTT packet ids are 16 bits, so a connection never has more unacked QoS 1 messages than this.
-/// Sizing the request channel above it means an ack can never wait for a full channel while the
-/// event loop waits for the pipeline: no deadlock.
-const REQUEST_CHANNEL_CAPACITY: usize = u16::MAX as usize + 64;
+mod session;
+pub use session::{
+    Client, Incoming, Received, Session, SessionError, connect, connect_v5, connect_v311, refusal,
+    refusal_v5,
+};
 
 /// A message as the connection `connection` (an index into the clients) received it: its ack
 /// goes back through that connection.
 pub struct Delivery {
     pub connection: usize,
-    pub publish: Publish,
-}
-
-/// Builds the client and event loop of connection `index` (`0..mqtt.connections`) from the
-/// config: TLS for `mqtts://` (a certificate that does not verify fails the connection, which
-/// is retried with back-off and logged; it never falls back to plaintext), and the user name
-/// and password when configured.
-pub fn connect(cfg: &AgentConfig, index: usize) -> Result<(AsyncClient, EventLoop), String> {
-    let url = BrokerUrl::parse(&cfg.mqtt.url).map_err(|e| format!("mqtt.url: {e}"))?;
-    let mut opts = MqttOptions::new(cfg.connection_client_id(index), url.host, url.port);
-    opts.set_keep_alive(Duration::from_secs(cfg.mqtt.keep_alive_seconds))
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_max_packet_size(cfg.mqtt.max_packet_bytes, cfg.mqtt.max_packet_bytes);
-    if url.tls {
-        let tls = cfg
-            .mqtt
-            .tls
-            .client_config("mqtt.tls", &[])
-            .map_err(|e| e.to_string())?;
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    }
-    if let Some((user, password)) = cfg.mqtt_credentials().map_err(|e| e.to_string())? {
-        opts.set_credentials(user, password.expose());
-    }
-    Ok(AsyncClient::new(opts, REQUEST_CHANNEL_CAPACITY))
+    pub message: Received,
 }
 
 /// One connection's task: its event loop, its client, its index among the connections, and
 /// the topic filters it subscribes to.
 pub struct Connection {
-    pub eventloop: EventLoop,
-    pub client: AsyncClient,
+    pub session: Session,
+    pub client: Client,
     pub index: usize,
     pub topics: Vec<String>,
 }
@@ -89,7 +64,7 @@ pub async fn run_connection(
     stopping: Arc<AtomicBool>,
 ) {
     let Connection {
-        mut eventloop,
+        mut session,
         client,
         index,
         topics,
@@ -98,39 +73,35 @@ pub async fn run_connection(
     // This connection's share of the `mqtt_connected` and `mqtt_subscribed` gauges.
     let mut state = ConnectionGauges::new(&metrics);
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+        match session.poll().await {
+            Ok(Incoming::Publish(message)) => {
                 // A closed channel means the pipeline stopped: the message stays unacked and the
                 // broker redelivers it to the next run.
                 let _ = tx
                     .send(Delivery {
                         connection: index,
-                        publish,
+                        message,
                     })
                     .await;
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(Incoming::ConnAck { session_present }) => {
                 backoff = Duration::from_millis(100);
                 metrics.mqtt_connections.inc();
                 state.connected(true);
                 tracing::info!(
-                    session_present = ack.session_present,
+                    session_present,
                     connection = index,
                     "connected to the broker"
                 );
-                let client = client.clone();
-                let filters: Vec<_> = topics
-                    .iter()
-                    .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
-                    .collect();
+                let (client, topics) = (client.clone(), topics.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = client.subscribe_many(filters).await {
+                    if let Err(e) = client.subscribe(&topics).await {
                         tracing::warn!(error = %e, "subscribe request failed");
                     }
                 });
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => state.subscribed(true),
-            Ok(Event::Outgoing(Outgoing::Disconnect)) if stopping.load(Ordering::Relaxed) => {
+            Ok(Incoming::SubAck) => state.subscribed(true),
+            Ok(Incoming::DisconnectSent) if stopping.load(Ordering::Relaxed) => {
                 state.connected(false);
                 return;
             }
@@ -141,7 +112,7 @@ pub async fn run_connection(
                     return;
                 }
                 metrics.mqtt_connection_errors.inc();
-                match refusal(&e) {
+                match e.refusal {
                     // Configuration or security problems: loud, and retried (an operator may fix
                     // the broker's certificate or the credentials without restarting us).
                     Some(why) => {
@@ -200,41 +171,6 @@ impl Drop for ConnectionGauges<'_> {
     }
 }
 
-/// Why a connection error is a refusal (TLS or credentials) rather than the network, in words.
-pub fn refusal(e: &rumqttc::ConnectionError) -> Option<&'static str> {
-    use rumqttc::{ConnectReturnCode, ConnectionError};
-    match e {
-        ConnectionError::Tls(_) => Some(
-            "the TLS handshake failed (broker certificate not trusted, expired or for another \
-             host, or our client certificate refused); not falling back to plaintext",
-        ),
-        ConnectionError::ConnectionRefused(
-            ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
-        ) => Some(
-            "the broker refused our user name and password (mqtt.username, mqtt.password_file)",
-        ),
-        // With TLS 1.3 the server checks our certificate after our side of the handshake is
-        // done, so its refusal arrives as an alert on the first read.
-        ConnectionError::MqttState(state) if state.to_string().contains("received fatal alert") => {
-            Some(
-                "the broker ended the TLS session with an alert: usually our client certificate \
-                 (mqtt.tls.client_cert_file) is missing or not signed by a CA it trusts",
-            )
-        }
-        // Bytes that do not frame as MQTT, typically a TLS server's alert read by a plaintext
-        // client.
-        ConnectionError::MqttState(rumqttc::StateError::Deserialization(framing))
-            if !matches!(framing, rumqttc::mqttbytes::Error::Io(_)) =>
-        {
-            Some(
-                "the broker answered with bytes that are not MQTT: if that port serves TLS, \
-                 use mqtts:// (and [mqtt.tls])",
-            )
-        }
-        _ => None,
-    }
-}
-
 /// Milliseconds since the Unix epoch, by the wall clock.
 pub fn wall_ms() -> i64 {
     SystemTime::now()
@@ -249,7 +185,7 @@ pub struct BatchPolicy {
     pub max_messages: usize,
     pub max_wait: Duration,
     /// Commit as soon as this many QoS 1/2 messages of one connection wait for their ack: the
-    /// broker's in-flight limit (`mqtt.broker_max_inflight`), past which it sends that
+    /// broker's in-flight limit ([`AgentConfig::in_flight_limit`]), past which it sends that
     /// connection nothing until they are acked. 0: no such limit known.
     pub max_unacked: usize,
     /// How often due windows are closed when no message arrives.
@@ -262,7 +198,7 @@ impl BatchPolicy {
         BatchPolicy {
             max_messages: cfg.ingest.commit_max_messages,
             max_wait: cfg.commit_interval(),
-            max_unacked: cfg.mqtt.broker_max_inflight,
+            max_unacked: cfg.in_flight_limit(),
             tick: (idle / 4).clamp(Duration::from_millis(10), Duration::from_millis(250)),
         }
     }
@@ -311,7 +247,7 @@ async fn fill_batch(
 
 /// Counts a message that waits for its ack (QoS 1 or 2) against its connection.
 fn count_unacked(unacked: &mut [usize], d: &Delivery) {
-    if d.publish.qos != QoS::AtMostOnce
+    if d.message.qos != QoS::AtMostOnce
         && let Some(n) = unacked.get_mut(d.connection)
     {
         *n += 1;
@@ -324,7 +260,7 @@ fn count_unacked(unacked: &mut [usize], d: &Delivery) {
 pub async fn run_pipeline(
     mut pipeline: Pipeline,
     mut rx: mpsc::Receiver<Delivery>,
-    clients: Vec<AsyncClient>,
+    clients: Vec<Client>,
     policy: BatchPolicy,
     metrics: Arc<Metrics>,
     outbox_ready: Arc<Notify>,
@@ -364,8 +300,8 @@ pub async fn run_pipeline(
             let msgs: Vec<Message<'_>> = batch
                 .iter()
                 .map(|d| Message {
-                    topic: &d.publish.topic,
-                    payload: &d.publish.payload,
+                    topic: &d.message.topic,
+                    payload: &d.message.payload,
                 })
                 .collect();
             let committed = if msgs.is_empty() {
@@ -395,7 +331,7 @@ pub async fn run_pipeline(
                     let Some(client) = clients.get(d.connection) else {
                         continue;
                     };
-                    if client.ack(&d.publish).await.is_ok() {
+                    if client.ack(&d.message).await.is_ok() {
                         metrics.acks_sent.inc();
                     }
                 }
@@ -442,7 +378,12 @@ mod tests {
     fn on(connection: usize, qos: QoS) -> Delivery {
         Delivery {
             connection,
-            publish: Publish::new("sensors/n1", qos, vec![1u8, 2, 3]),
+            message: Received {
+                topic: "sensors/n1".into(),
+                payload: vec![1u8, 2, 3].into(),
+                qos,
+                pkid: 1,
+            },
         }
     }
 
@@ -464,7 +405,7 @@ mod tests {
     fn qos1(batch: &[Delivery]) -> usize {
         batch
             .iter()
-            .filter(|d| d.publish.qos == QoS::AtLeastOnce)
+            .filter(|d| d.message.qos == QoS::AtLeastOnce)
             .count()
     }
 

@@ -85,7 +85,7 @@ pub struct Agent {
     shutdown: watch::Sender<bool>,
     stopping: Arc<AtomicBool>,
     /// One per MQTT connection (`mqtt.connections`), with its task.
-    clients: Vec<rumqttc::AsyncClient>,
+    clients: Vec<ingest::Client>,
     pipeline: JoinHandle<()>,
     connections: Vec<JoinHandle<()>>,
     uploader: JoinHandle<()>,
@@ -121,9 +121,9 @@ impl Agent {
         let mut clients = Vec::new();
         let mut connections = Vec::new();
         for index in 0..cfg.mqtt.connections.max(1) {
-            let (client, eventloop) = ingest::connect(&cfg, index).map_err(AgentError::Config)?;
+            let (client, session) = ingest::connect(&cfg, index).map_err(AgentError::Config)?;
             let connection = ingest::Connection {
-                eventloop,
+                session,
                 client: client.clone(),
                 index,
                 topics: topics.clone(),

@@ -146,6 +146,12 @@ fn run(command: Command, started: Instant) -> anyhow::Result<ExitCode> {
             let loaded = LoadedConfig::load(&config)?;
             #[cfg(feature = "embedded-broker")]
             if let Some(listen) = embedded_broker {
+                if loaded.cfg.mqtt.protocol == edgewise_agent::config::MqttProtocol::V5 {
+                    anyhow::bail!(
+                        "--embedded-broker speaks MQTT 3.1.1 only (rumqttd's MQTT 5 listener is \
+                         incomplete): set mqtt.protocol = \"3.1.1\" or use an external broker"
+                    );
+                }
                 let broker = edgewise_agent::broker::EmbeddedBroker::start(
                     listen,
                     loaded.cfg.mqtt.max_packet_bytes,

@@ -17,12 +17,12 @@ async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
     const MESSAGES: usize = 60;
     let setup = common::Setup::new();
     let cfg = setup.agent_config(common::free_addr());
-    let (client, eventloop) = connect(&cfg, 0).unwrap();
+    let (client, session) = connect(&cfg, 0).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE);
     let metrics = Arc::new(Metrics::default());
     let stopping = Arc::new(AtomicBool::new(false));
     let connection = Connection {
-        eventloop,
+        session,
         client: client.clone(),
         index: 0,
         topics: cfg.subscription_filters(),
@@ -56,7 +56,7 @@ async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
             .await
             .expect("the connection resumed reading")
             .expect("the connection is running")
-            .publish;
+            .message;
         client.ack(&p).await.unwrap();
         assert!(rx.len() <= QUEUE);
         got.push(p.payload.to_vec());

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 use common::*;
 use edgewise_agent::Agent;
+use edgewise_agent::config::MqttProtocol;
 use edgewise_cloud::Receiver;
 
 /// Aligned to a 10 s window boundary.
@@ -120,6 +121,110 @@ async fn three_shared_connections_deliver_every_reading_exactly_once() {
     receiver.stop().await;
 }
 
+/// MQTT 5, one connection and three: every reading once, each message acked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_connections_deliver_every_reading_exactly_once() {
+    if !external_broker("mqtt5_connections_deliver_every_reading_exactly_once") {
+        return;
+    }
+    for connections in [1, 3] {
+        let setup = Setup::new();
+        let receiver = setup.cloud.start(free_addr()).await;
+        let mut cfg = setup.agent_config(receiver.local_addr());
+        cfg.mqtt.protocol = MqttProtocol::V5;
+        cfg.mqtt.connections = connections;
+        let agent = Agent::start(cfg).await.unwrap();
+        subscribed_on(&agent, connections as u64).await;
+
+        publish_all(&setup.broker, &known_readings(&setup)).await;
+        let m = agent.metrics().clone();
+        wait_until(15, "4 summaries synced", || m.summaries_synced.get() == 4).await;
+        assert_eq!(m.readings_accepted.get(), 20);
+        assert_eq!(m.readings_rejected.get("duplicate"), 0);
+        assert_eq!(m.acks_sent.get(), 21);
+        assert_known_summaries(&setup);
+        agent.stop().await;
+        receiver.stop().await;
+    }
+}
+
+/// The MQTT 5 session outlives the agent: messages delivered but not acked before a crash, and
+/// messages published while it was down, come to the next run (the session expiry interval is
+/// set; without it the broker drops the session, and those messages, at the disconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_agent_crashed_mid_window_loses_nothing_it_acked_or_missed() {
+    if external_broker("mqtt5_agent_crashed_mid_window_loses_nothing_it_acked_or_missed") {
+        interrupted_mid_window(
+            Interruption::Crash,
+            1,
+            MqttProtocol::V5,
+            SecondHalf::WhileDown,
+        )
+        .await;
+    }
+}
+
+/// The receive maximum reaches the broker: with no acks, Mosquitto sends an MQTT 5 connection
+/// exactly `receive_maximum` QoS 1 messages (an MQTT 3.1.1 one gets its
+/// `max_inflight_messages`, 20 by default), and the rest once they are acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_receive_maximum_sets_how_many_messages_wait_for_their_ack() {
+    use edgewise_agent::ingest::{Connection, connect, run_connection};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+    if !external_broker("mqtt5_receive_maximum_sets_how_many_messages_wait_for_their_ack") {
+        return;
+    }
+    const MESSAGES: usize = 120;
+    for receive_maximum in [50u16, 200] {
+        let setup = Setup::new();
+        let mut cfg = setup.agent_config(free_addr());
+        cfg.mqtt.protocol = MqttProtocol::V5;
+        cfg.mqtt.receive_maximum = receive_maximum;
+        let (client, session) = connect(&cfg, 0).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1000);
+        let metrics = Arc::new(edgewise_agent::Metrics::default());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run_connection(
+            Connection {
+                session,
+                client: client.clone(),
+                index: 0,
+                topics: cfg.subscription_filters(),
+            },
+            tx,
+            metrics.clone(),
+            Duration::from_millis(500),
+            stopping.clone(),
+        ));
+        wait_until(10, "subscribed", || metrics.mqtt_subscribed.get() == 1).await;
+        let sent: Vec<(String, Vec<u8>)> = (0..MESSAGES)
+            .map(|i| (setup.topic("n1"), temperature("n1", T0 + i as i64, 20.0)))
+            .collect();
+        publish_all(&setup.broker, &sent).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let unacked = usize::from(receive_maximum).min(MESSAGES);
+        assert_eq!(rx.len(), unacked, "receive maximum {receive_maximum}");
+
+        // Acked, the rest follow, each once.
+        let mut got = 0;
+        while got < MESSAGES {
+            let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("the broker sent the rest after the acks")
+                .expect("the connection is running");
+            client.ack(&d.message).await.unwrap();
+            got += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(rx.is_empty(), "nothing is delivered twice");
+        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_for_part_of_the_run_loses_and_duplicates_nothing() {
     let setup = Setup::new();
@@ -156,13 +261,29 @@ enum Interruption {
     Crash,
 }
 
+/// When the second half of the readings is published.
+#[derive(Clone, Copy, PartialEq)]
+enum SecondHalf {
+    /// Once the second agent has subscribed.
+    AfterRestart,
+    /// Between the runs: the broker holds it in the agent's persistent session.
+    WhileDown,
+}
+
 /// Publishes half of the readings, interrupts the agent, starts a new one on the same
-/// database and session, publishes the rest, and checks the exact summaries at the cloud.
-async fn interrupted_mid_window(how: Interruption, connections: usize) {
+/// database and session, publishes the rest (`second_half` says when), and checks the exact
+/// summaries at the cloud.
+async fn interrupted_mid_window(
+    how: Interruption,
+    connections: usize,
+    protocol: MqttProtocol,
+    second_half: SecondHalf,
+) {
     let setup = Setup::new();
     let receiver = setup.cloud.start(free_addr()).await;
     let mut cfg = setup.agent_config(receiver.local_addr());
     cfg.mqtt.connections = connections;
+    cfg.mqtt.protocol = protocol;
     let all = known_readings(&setup);
     let (first, second) = all.split_at(all.len() / 2);
 
@@ -189,9 +310,14 @@ async fn interrupted_mid_window(how: Interruption, connections: usize) {
     }
 
     // Second run: rebuilt from the journal, receives the rest (and any redeliveries).
+    if second_half == SecondHalf::WhileDown {
+        publish_all(&setup.broker, second).await;
+    }
     let agent = Agent::start(cfg).await.unwrap();
     subscribed_on(&agent, connections as u64).await;
-    publish_all(&setup.broker, second).await;
+    if second_half == SecondHalf::AfterRestart {
+        publish_all(&setup.broker, second).await;
+    }
     wait_until(15, "4 summaries stored", || setup.cloud.stored().len() == 4).await;
     assert_known_summaries(&setup);
     agent.stop().await;
@@ -200,17 +326,35 @@ async fn interrupted_mid_window(how: Interruption, connections: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restarted_mid_window_still_reports_the_exact_window() {
-    interrupted_mid_window(Interruption::CleanStop, 1).await;
+    interrupted_mid_window(
+        Interruption::CleanStop,
+        1,
+        MqttProtocol::V311,
+        SecondHalf::AfterRestart,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_crashed_mid_window_loses_nothing_it_acked() {
-    interrupted_mid_window(Interruption::Crash, 1).await;
+    interrupted_mid_window(
+        Interruption::Crash,
+        1,
+        MqttProtocol::V311,
+        SecondHalf::AfterRestart,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_with_three_shared_connections_crashed_mid_window_loses_nothing_it_acked() {
-    interrupted_mid_window(Interruption::Crash, 3).await;
+    interrupted_mid_window(
+        Interruption::Crash,
+        3,
+        MqttProtocol::V311,
+        SecondHalf::AfterRestart,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,6 @@ use edgewise_cloud::{Receiver, ServerConfig, Store as CloudStore};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, date_time_ymd,
 };
-use rumqttc::{Event, Packet};
 
 /// A test certificate authority that writes PEM files into a directory.
 struct Ca {
@@ -183,14 +182,14 @@ fn config(dir: &Path, mqtt: &str, sync: &str) -> AgentConfig {
 /// Connects as the agent does and answers Ok at the broker's ConnAck, or the error (with the
 /// agent's explanation of a refusal).
 async fn connect_outcome(cfg: &AgentConfig) -> Result<(), String> {
-    let (_client, mut eventloop) = ingest::connect(cfg, 0)?;
+    let (_client, mut session) = ingest::connect(cfg, 0)?;
     let outcome = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+            match session.poll().await {
+                Ok(ingest::Incoming::ConnAck { .. }) => return Ok(()),
                 Ok(_) => {}
                 Err(e) => {
-                    let why = ingest::refusal(&e).unwrap_or("");
+                    let why = e.refusal.unwrap_or("");
                     return Err(format!("{e} ({why})"));
                 }
             }
@@ -454,7 +453,7 @@ fn tls_settings_with_a_plaintext_url_are_refused_by_check() {
 async fn publish_tls(cfg: &AgentConfig, messages: &[(String, Vec<u8>)]) {
     let mut cfg = cfg.clone();
     cfg.mqtt.client_id = Some(unique("sensor"));
-    let (client, eventloop) = ingest::connect(&cfg, 0).unwrap();
+    let (client, eventloop) = ingest::connect_v311(&cfg, 0).unwrap();
     common::publish_on(client, eventloop, messages).await;
 }
 

@@ -71,9 +71,17 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     commit_max_messages: usize,
     /// The agent's `mqtt.broker_max_inflight` (commit as soon as this many QoS 1 messages wait
-    /// for their ack; 0: never early).
-    #[arg(long, default_value_t = 100)]
-    broker_max_inflight: usize,
+    /// for their ack; 0: never early). Default: the agent's (100 with MQTT 3.1.1, the receive
+    /// maximum with MQTT 5).
+    #[arg(long)]
+    broker_max_inflight: Option<usize>,
+    /// The MQTT version of the agent and of the counting subscriber: `3.1.1` or `5`.
+    #[arg(long, default_value = "3.1.1", value_parser = ["3.1.1", "5"])]
+    mqtt_protocol: String,
+    /// With `--mqtt-protocol 5`: the receive maximum the agent and the counting subscriber
+    /// send (how many QoS 1 messages the broker may send before their acks).
+    #[arg(long, default_value_t = 1000)]
+    receive_maximum: u16,
     /// The agent's `mqtt.connections` (more than one: shared subscriptions, each connection
     /// with its own in-flight window).
     #[arg(long, default_value_t = 1)]
@@ -242,6 +250,8 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
         commit_interval_ms: args.commit_interval_ms,
         commit_max_messages: args.commit_max_messages,
         broker_max_inflight: args.broker_max_inflight,
+        mqtt5: args.mqtt_protocol == "5",
+        receive_maximum: args.receive_maximum,
         agent_connections: args.agent_connections,
         run_id,
     };
@@ -437,6 +447,8 @@ fn write_json(args: &Args, cases: &[CaseResult], elapsed: Duration) -> anyhow::R
             "commit_interval_ms": args.commit_interval_ms,
             "commit_max_messages": args.commit_max_messages,
             "broker_max_inflight": args.broker_max_inflight,
+            "mqtt_protocol": args.mqtt_protocol,
+            "receive_maximum": args.receive_maximum,
             "agent_connections": args.agent_connections,
             "window_seconds": args.window_seconds,
         },

@@ -43,7 +43,11 @@ pub struct Env {
     pub window_seconds: u64,
     pub commit_interval_ms: u64,
     pub commit_max_messages: usize,
-    pub broker_max_inflight: usize,
+    pub broker_max_inflight: Option<usize>,
+    /// MQTT 5 for the agent and the counting subscriber (3.1.1 otherwise).
+    pub mqtt5: bool,
+    /// Their receive maximum with MQTT 5.
+    pub receive_maximum: u16,
     /// The agent's `mqtt.connections`.
     pub agent_connections: usize,
     pub run_id: String,
@@ -74,7 +78,7 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
     let agent_id = format!("bench-{}-{seq}", env.run_id);
     let mut consumer = match step.consumer {
         ConsumerKind::Subscriber => {
-            Consumer::Subscriber(CountingSubscriber::start(step.broker, &filter, qos).await?)
+            Consumer::Subscriber(CountingSubscriber::start(env, step.broker, &filter, qos).await?)
         }
         ConsumerKind::Agent => {
             let streams = step.sensors * SIM_METRICS.len();
@@ -261,56 +265,124 @@ impl Consumer {
     }
 }
 
-/// An MQTT client that subscribes and counts publishes: the broker's own ceiling.
+/// An MQTT client that subscribes and counts publishes: the broker's own ceiling. It speaks the
+/// agent's protocol version (`--mqtt-protocol`), with the same receive maximum under MQTT 5.
 struct CountingSubscriber {
     count: Arc<AtomicU64>,
-    client: AsyncClient,
+    client: SubscriberClient,
     task: JoinHandle<()>,
 }
 
-impl CountingSubscriber {
-    async fn start(broker: SocketAddr, filter: &str, qos: QoS) -> anyhow::Result<Self> {
-        let mut opts = MqttOptions::new(
-            format!(
-                "{}-counter",
-                filter.trim_end_matches("/#").replace('/', "-")
-            ),
-            broker.ip().to_string(),
-            broker.port(),
-        );
-        opts.set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        client
-            .subscribe(filter, qos)
-            .await
-            .context("subscribing the counter")?;
-        let count = Arc::new(AtomicU64::new(0));
-        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-        let task = {
-            let count = Arc::clone(&count);
-            tokio::spawn(async move {
-                let mut subscribed_tx = Some(subscribed_tx);
-                loop {
-                    match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::Publish(_))) => {
-                            count.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(Event::Incoming(Packet::SubAck(_))) => {
-                            if let Some(tx) = subscribed_tx.take() {
-                                let _ = tx.send(());
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            // A lost connection shows up as missing messages in the step.
-                            tracing::warn!(error = %e, "counting subscriber: connection error");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
+enum SubscriberClient {
+    V311(AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// What the counting subscriber's loop needs to know of an event.
+enum Counted {
+    Publish,
+    SubAck,
+    Other,
+    Error(String),
+}
+
+/// An event loop of either protocol version, as the counting subscriber polls it.
+trait CountSource: Send + 'static {
+    fn next(&mut self) -> impl std::future::Future<Output = Counted> + Send;
+}
+
+impl CountSource for rumqttc::EventLoop {
+    async fn next(&mut self) -> Counted {
+        match self.poll().await {
+            Ok(Event::Incoming(Packet::Publish(_))) => Counted::Publish,
+            Ok(Event::Incoming(Packet::SubAck(_))) => Counted::SubAck,
+            Ok(_) => Counted::Other,
+            Err(e) => Counted::Error(e.to_string()),
+        }
+    }
+}
+
+impl CountSource for rumqttc::v5::EventLoop {
+    async fn next(&mut self) -> Counted {
+        use rumqttc::v5::{Event, mqttbytes::v5::Packet};
+        match self.poll().await {
+            Ok(Event::Incoming(Packet::Publish(_))) => Counted::Publish,
+            Ok(Event::Incoming(Packet::SubAck(_))) => Counted::SubAck,
+            Ok(_) => Counted::Other,
+            Err(e) => Counted::Error(e.to_string()),
+        }
+    }
+}
+
+/// Polls `source`, counting publishes; the first SUBACK goes to `subscribed`.
+fn spawn_counter(
+    mut source: impl CountSource,
+    count: Arc<AtomicU64>,
+    subscribed: tokio::sync::oneshot::Sender<()>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut subscribed = Some(subscribed);
+        loop {
+            match source.next().await {
+                Counted::Publish => {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                Counted::SubAck => {
+                    if let Some(tx) = subscribed.take() {
+                        let _ = tx.send(());
                     }
                 }
-            })
+                Counted::Other => {}
+                Counted::Error(e) => {
+                    // A lost connection shows up as missing messages in the step.
+                    tracing::warn!(error = %e, "counting subscriber: connection error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+impl CountingSubscriber {
+    async fn start(env: &Env, broker: SocketAddr, filter: &str, qos: QoS) -> anyhow::Result<Self> {
+        let id = format!(
+            "{}-counter",
+            filter.trim_end_matches("/#").replace('/', "-")
+        );
+        let (host, port) = (broker.ip().to_string(), broker.port());
+        let count = Arc::new(AtomicU64::new(0));
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+        let (client, task) = if env.mqtt5 {
+            use rumqttc::v5;
+            let mut opts = v5::MqttOptions::new(id, host, port);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_clean_start(true)
+                .set_receive_maximum(Some(env.receive_maximum))
+                .set_max_packet_size(Some(1 << 20));
+            let (client, eventloop) = v5::AsyncClient::new(opts, 64);
+            let qos = match qos {
+                QoS::AtMostOnce => v5::mqttbytes::QoS::AtMostOnce,
+                QoS::AtLeastOnce => v5::mqttbytes::QoS::AtLeastOnce,
+                QoS::ExactlyOnce => v5::mqttbytes::QoS::ExactlyOnce,
+            };
+            client
+                .subscribe(filter, qos)
+                .await
+                .context("subscribing the counter")?;
+            let task = spawn_counter(eventloop, Arc::clone(&count), subscribed_tx);
+            (SubscriberClient::V5(client), task)
+        } else {
+            let mut opts = MqttOptions::new(id, host, port);
+            opts.set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(true)
+                .set_max_packet_size(1 << 20, 1 << 20);
+            let (client, eventloop) = AsyncClient::new(opts, 64);
+            client
+                .subscribe(filter, qos)
+                .await
+                .context("subscribing the counter")?;
+            let task = spawn_counter(eventloop, Arc::clone(&count), subscribed_tx);
+            (SubscriberClient::V311(client), task)
         };
         match tokio::time::timeout(Duration::from_secs(10), subscribed).await {
             Ok(Ok(())) => Ok(CountingSubscriber {
@@ -326,7 +398,10 @@ impl CountingSubscriber {
     }
 
     async fn stop(self) {
-        let _ = self.client.try_disconnect();
+        let _ = match &self.client {
+            SubscriberClient::V311(c) => c.try_disconnect().is_ok(),
+            SubscriberClient::V5(c) => c.try_disconnect().is_ok(),
+        };
         tokio::time::sleep(Duration::from_millis(50)).await;
         self.task.abort();
     }
@@ -504,8 +579,7 @@ fn agent_config(
 url = "mqtt://{broker}"
 client_id = "{agent_id}"
 topics = ["{filter}"]
-broker_max_inflight = {broker_max_inflight}
-{connections}[ingest]
+{protocol}{broker_max_inflight}{connections}[ingest]
 commit_interval_ms = {commit_interval_ms}
 commit_max_messages = {commit_max_messages}
 [store]
@@ -536,7 +610,18 @@ streams = ["+/temperature"]
 "#,
         commit_interval_ms = env.commit_interval_ms,
         commit_max_messages = env.commit_max_messages,
-        broker_max_inflight = env.broker_max_inflight,
+        protocol = if env.mqtt5 {
+            format!(
+                "protocol = \"5\"\nreceive_maximum = {}\n",
+                env.receive_maximum
+            )
+        } else {
+            String::new()
+        },
+        broker_max_inflight = match env.broker_max_inflight {
+            Some(n) => format!("broker_max_inflight = {n}\n"),
+            None => String::new(),
+        },
         // Only when set: an agent binary from before `mqtt.connections` can still be measured.
         connections = match env.agent_connections {
             1 => String::new(),

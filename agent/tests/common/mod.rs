@@ -57,6 +57,18 @@ pub fn broker() -> (String, u16) {
     (b.addr.ip().to_string(), b.addr.port())
 }
 
+/// Whether this run has an external broker (`EDGEWISE_TEST_MQTT_URL`, Mosquitto in CI). MQTT 5
+/// tests need one: the embedded broker speaks 3.1.1 only. Without it they say so and pass.
+pub fn external_broker(test: &str) -> bool {
+    let set = std::env::var_os("EDGEWISE_TEST_MQTT_URL").is_some();
+    if !set {
+        eprintln!(
+            "{test}: MQTT 5 needs an external broker (EDGEWISE_TEST_MQTT_URL); run by .ci/run against Mosquitto"
+        );
+    }
+    set
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

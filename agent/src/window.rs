@@ -450,6 +450,8 @@ pub struct Windows {
     /// No stream goes idle (or final after idling) before this processing time: from then on
     /// `advance` walks every stream, and sets it anew.
     next_scan_ms: i64,
+    /// The last walk over every stream stopped at `max_windows`: the next `advance` walks again.
+    walk_cut: bool,
     /// [`Windows::journal_horizon`], while nothing changed it.
     horizon: Option<i64>,
     /// Scratch: window starts closing in one stream during `advance`.
@@ -469,6 +471,7 @@ impl Windows {
             panes: 0,
             due: Vec::new(),
             next_scan_ms: i64::MAX,
+            walk_cut: false,
             horizon: None,
             closing: Vec::new(),
         }
@@ -631,7 +634,8 @@ impl Windows {
     /// Due streams are taken until `max_windows` windows closed (at least one stream per call):
     /// the others stay due for the next call ([`Windows::closing_pending`]), so one call never
     /// holds the caller for a whole boundary of 10,000 streams. Their windows stay open in the
-    /// meantime and take readings as open windows do. The walk over every stream is not cut.
+    /// meantime and take readings as open windows do. A walk over every stream stops closing
+    /// at `max_windows` the same way, and the next call walks again.
     pub fn advance(&mut self, now_ms: i64, max_windows: usize) -> Vec<ClosedWindow> {
         let mut out = Vec::new();
         let mut closer = Closer {
@@ -654,8 +658,16 @@ impl Windows {
         };
         if now_ms >= self.next_scan_ms {
             let mut next_scan = i64::MAX;
+            self.walk_cut = false;
             for (name, s) in self.streams.iter_mut() {
                 s.due = false;
+                if closer.out.len() >= max_windows {
+                    // This call's share is closed: the next call walks every stream again
+                    // (the ones closed here have nothing left to close).
+                    self.walk_cut = true;
+                    next_scan = now_ms;
+                    continue;
+                }
                 if s.is_active() {
                     note(closer.close(name, s));
                 }
@@ -700,7 +712,7 @@ impl Windows {
     /// Whether streams are still due after an [`Windows::advance`] that stopped at its
     /// `max_windows`.
     pub fn closing_pending(&self) -> bool {
-        !self.due.is_empty()
+        !self.due.is_empty() || self.walk_cut
     }
 
     /// Makes the next [`Windows::advance`] walk every stream (tests: the reference behaviour).
@@ -1144,6 +1156,43 @@ mod tests {
         assert_eq!(parts, all);
         assert_eq!(chunked.open_windows(), 3_000);
         assert_eq!(chunked.journal_horizon(), whole.journal_horizon());
+    }
+
+    #[test]
+    fn streams_going_idle_together_close_in_chunks_with_the_same_windows() {
+        // 3,000 streams, one reading each in the first window, then silence: the walk over
+        // every stream at the idle timeout closes them, at most 1,024 a call.
+        let readings: Vec<Reading> = (0..3_000)
+            .map(|i| r(&format!("n{i}/t"), 1_000, i as f64))
+            .collect();
+        let mut whole = Windows::new("gw", SPEC);
+        let mut chunked = Windows::new("gw", SPEC);
+        feed(&mut whole, &readings, 0);
+        feed(&mut chunked, &readings, 0);
+        let idle = SPEC.idle_timeout_ms;
+        assert!(whole.advance(idle - 1, usize::MAX).is_empty());
+        assert!(chunked.advance(idle - 1, 1_024).is_empty());
+        let mut all = whole.advance(idle, usize::MAX);
+        assert_eq!(all.len(), 3_000);
+        assert!(!whole.closing_pending());
+
+        let mut sizes = Vec::new();
+        let mut parts = Vec::new();
+        loop {
+            let part = chunked.advance(idle, 1_024);
+            sizes.push(part.len());
+            parts.extend(part);
+            if !chunked.closing_pending() {
+                break;
+            }
+        }
+        assert_eq!(sizes, [1_024, 1_024, 952]);
+        parts.sort_by(|a, b| a.summary.stream.cmp(&b.summary.stream));
+        all.sort_by(|a, b| a.summary.stream.cmp(&b.summary.stream));
+        assert_eq!(parts, all);
+        assert_eq!(chunked.open_windows(), whole.open_windows());
+        assert_eq!(chunked.journal_horizon(), whole.journal_horizon());
+        assert!(chunked.advance(idle, 1_024).is_empty());
     }
 
     #[test]

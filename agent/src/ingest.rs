@@ -39,6 +39,10 @@ pub use session::{
     refusal_v5,
 };
 
+/// An ingest step (a batch's commit and the window closes after it) at least this long is
+/// logged: meanwhile no message is acked and the channel fills.
+const SLOW_STEP: Duration = Duration::from_millis(50);
+
 /// A message as the connection `connection` (an index into the clients) received it: its ack
 /// goes back through that connection.
 pub struct Delivery {
@@ -297,6 +301,7 @@ pub async fn run_pipeline(
 
         let proc_ms = origin.elapsed().as_millis() as i64;
         let joined = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let msgs: Vec<Message<'_>> = batch
                 .iter()
                 .map(|d| Message {
@@ -309,7 +314,19 @@ pub async fn run_pipeline(
             } else {
                 pipeline.ingest(&msgs, wall_ms(), proc_ms)
             };
+            let ingested = started.elapsed();
             let closed = pipeline.close_due(proc_ms);
+            let took = started.elapsed();
+            if took >= SLOW_STEP {
+                // The broker holds (or, past its queue limit, drops) what arrives meanwhile.
+                tracing::warn!(
+                    took_ms = took.as_millis() as u64,
+                    ingest_ms = ingested.as_millis() as u64,
+                    messages = msgs.len(),
+                    windows_closed = closed.as_ref().copied().unwrap_or(0),
+                    "slow ingest step: the loop did not read from the broker meanwhile"
+                );
+            }
             drop(msgs);
             (pipeline, batch, committed, closed)
         })

@@ -80,7 +80,7 @@ struct Args {
     mqtt_protocol: String,
     /// With `--mqtt-protocol 5`: the receive maximum the agent and the counting subscriber
     /// send (how many QoS 1 messages the broker may send before their acks).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = edgewise_agent::config::DEFAULT_RECEIVE_MAXIMUM)]
     receive_maximum: u16,
     /// The agent's `mqtt.connections` (more than one: shared subscriptions, each connection
     /// with its own in-flight window).

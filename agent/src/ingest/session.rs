@@ -255,9 +255,9 @@ impl Session {
                 match e.poll().await {
                     Ok(v5::Event::Incoming(Packet::Publish(p))) => {
                         Ok(Incoming::Publish(Received {
-                            // The broker checked the topic is UTF-8 (MQTT requires it); a
-                            // broken one is kept visible rather than dropped, and its stream
-                            // names then match no contract.
+                            // MQTT requires UTF-8 topics and the broker checks them; should
+                            // one be broken, its bad bytes become U+FFFD and the message goes
+                            // on to the pipeline like any other rather than vanishing here.
                             topic: match String::from_utf8(p.topic.to_vec()) {
                                 Ok(t) => t,
                                 Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),

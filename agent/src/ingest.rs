@@ -34,10 +34,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Message, Pipeline};
 
 mod session;
-pub use session::{
-    Client, Incoming, Received, Session, SessionError, connect, connect_v5, connect_v311, refusal,
-    refusal_v5,
-};
+pub use session::{Client, Incoming, Received, Session, SessionError, connect, connect_v311};
 
 /// An ingest step (a batch's commit and the window closes after it) at least this long is
 /// logged: meanwhile no message is acked and the channel fills.

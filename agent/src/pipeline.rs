@@ -97,7 +97,7 @@ impl Pipeline {
         let (mut store, recovered) =
             Store::open_or_recover(&cfg.store.path, &StoreOptions::from_config(cfg))?;
         // Checkpoints (and their fsyncs) off the ingest thread.
-        store.checkpoint_in_background(&cfg.store.path, CHECKPOINT_INTERVAL)?;
+        store.checkpoint_in_background(CHECKPOINT_INTERVAL)?;
         if recovered.is_some() {
             metrics.store_recovered_corrupt.inc();
             metrics.gaps_recorded.inc();

@@ -354,10 +354,7 @@ impl Checkpointer {
                         if *stopped {
                             return;
                         }
-                        // Frames in the WAL, frames copied: logged only on failure.
-                        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                        });
+                        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
                         if let Err(e) = done {
                             tracing::warn!(error = %e, "background WAL checkpoint failed; retrying");
                         }
@@ -620,14 +617,18 @@ impl Store {
     }
 
     /// Moves this connection's WAL checkpoints to a thread of their own, run every `interval`
-    /// (see the module docs). Stops with the store.
+    /// (see the module docs), on the same database file. Stops with the store.
     pub fn checkpoint_in_background(
         &mut self,
-        path: &Path,
         interval: std::time::Duration,
     ) -> Result<(), StoreError> {
         if self.checkpointer.is_none() {
-            self.checkpointer = Some(Checkpointer::start(path, interval)?);
+            // The file this connection opened (`None` only for in-memory databases, which have
+            // no WAL to checkpoint).
+            let Some(path) = self.conn.path().map(PathBuf::from) else {
+                return Ok(());
+            };
+            self.checkpointer = Some(Checkpointer::start(&path, interval)?);
             self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         }
         Ok(())
@@ -1814,7 +1815,7 @@ mod tests {
         let path = dir.path().join("agent.db");
         let mut store = Store::open(&path, 3).unwrap();
         store
-            .checkpoint_in_background(&path, std::time::Duration::from_millis(10))
+            .checkpoint_in_background(std::time::Duration::from_millis(10))
             .unwrap();
         let autocheckpoint: i64 = store
             .conn

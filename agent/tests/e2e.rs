@@ -78,34 +78,17 @@ async fn agent_and_receiver(setup: &Setup) -> (Agent, Receiver) {
     (agent, receiver)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn known_readings_become_exact_summaries_at_the_cloud() {
-    let setup = Setup::new();
-    let (agent, receiver) = agent_and_receiver(&setup).await;
-
-    publish_all(&setup.broker, &known_readings(&setup)).await;
-    let m = agent.metrics().clone();
-    wait_until(15, "4 summaries synced", || m.summaries_synced.get() == 4).await;
-
-    assert_eq!(m.readings_accepted.get(), 20);
-    assert_eq!(m.readings_rejected.get("out_of_range"), 1);
-    assert_eq!(m.acks_sent.get(), 21);
-    assert_known_summaries(&setup);
-    agent.stop().await;
-    receiver.stop().await;
-}
-
-/// Three connections holding shared subscriptions: the broker splits the messages between
-/// them and each is delivered, acked and counted once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_shared_connections_deliver_every_reading_exactly_once() {
+/// The known readings through an agent with `connections` connections speaking `protocol`:
+/// every reading counted once, every message acked once, the exact summaries at the cloud.
+async fn delivered_exactly_once(connections: usize, protocol: MqttProtocol) {
     let setup = Setup::new();
     let receiver = setup.cloud.start(free_addr()).await;
     let mut cfg = setup.agent_config(receiver.local_addr());
-    cfg.mqtt.connections = 3;
+    cfg.mqtt.connections = connections;
+    cfg.mqtt.protocol = protocol;
     let agent = Agent::start(cfg).await.unwrap();
-    subscribed_on(&agent, 3).await;
-    assert_eq!(agent.metrics().mqtt_connected.get(), 3);
+    subscribed_on(&agent, connections as u64).await;
+    assert_eq!(agent.metrics().mqtt_connected.get(), connections as u64);
 
     publish_all(&setup.broker, &known_readings(&setup)).await;
     let m = agent.metrics().clone();
@@ -121,30 +104,24 @@ async fn three_shared_connections_deliver_every_reading_exactly_once() {
     receiver.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_readings_become_exact_summaries_at_the_cloud() {
+    delivered_exactly_once(1, MqttProtocol::V311).await;
+}
+
+/// Three connections holding shared subscriptions: the broker splits the messages between
+/// them and each is delivered, acked and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_shared_connections_deliver_every_reading_exactly_once() {
+    delivered_exactly_once(3, MqttProtocol::V311).await;
+}
+
 /// MQTT 5, one connection and three: every reading once, each message acked once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_connections_deliver_every_reading_exactly_once() {
-    if !external_broker("mqtt5_connections_deliver_every_reading_exactly_once") {
-        return;
-    }
-    for connections in [1, 3] {
-        let setup = Setup::new();
-        let receiver = setup.cloud.start(free_addr()).await;
-        let mut cfg = setup.agent_config(receiver.local_addr());
-        cfg.mqtt.protocol = MqttProtocol::V5;
-        cfg.mqtt.connections = connections;
-        let agent = Agent::start(cfg).await.unwrap();
-        subscribed_on(&agent, connections as u64).await;
-
-        publish_all(&setup.broker, &known_readings(&setup)).await;
-        let m = agent.metrics().clone();
-        wait_until(15, "4 summaries synced", || m.summaries_synced.get() == 4).await;
-        assert_eq!(m.readings_accepted.get(), 20);
-        assert_eq!(m.readings_rejected.get("duplicate"), 0);
-        assert_eq!(m.acks_sent.get(), 21);
-        assert_known_summaries(&setup);
-        agent.stop().await;
-        receiver.stop().await;
+    if external_broker("mqtt5_connections_deliver_every_reading_exactly_once") {
+        delivered_exactly_once(1, MqttProtocol::V5).await;
+        delivered_exactly_once(3, MqttProtocol::V5).await;
     }
 }
 
@@ -494,4 +471,38 @@ async fn text_and_boolean_readings_are_served_as_latest_values_by_the_receiver()
     );
     agent.stop().await;
     receiver.stop().await;
+}
+
+/// An MQTT 5 agent pointed at a broker that speaks only 3.1.1 (the embedded rumqttd) fails to
+/// connect with an error that says what to change.
+#[tokio::test]
+async fn mqtt5_against_a_broker_without_it_says_so() {
+    use edgewise_agent::ingest::{Incoming, connect};
+    let broker = edgewise_agent::broker::EmbeddedBroker::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        256 * 1024,
+    )
+    .unwrap();
+    let setup = Setup::new();
+    let mut cfg = setup.agent_config(free_addr());
+    cfg.mqtt.url = format!("mqtt://{}", broker.addr);
+    cfg.mqtt.protocol = MqttProtocol::V5;
+    let (_client, mut session) = connect(&cfg, 0).unwrap();
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match session.poll().await {
+                Ok(Incoming::ConnAck { .. }) => return None,
+                Ok(_) => {}
+                Err(e) => return Some(e),
+            }
+        }
+    })
+    .await
+    .expect("an answer within 10 s");
+    let err = outcome.expect("the connection fails");
+    assert!(
+        err.refusal.is_some_and(|why| why.contains("mqtt.protocol")),
+        "{err} ({:?})",
+        err.refusal
+    );
 }

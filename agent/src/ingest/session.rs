@@ -76,7 +76,11 @@ pub enum Client {
 /// The event loop of a connection: polled by its task, and nothing else (as rumqttc requires).
 pub enum Session {
     V311(Box<rumqttc::EventLoop>),
-    V5(Box<v5::EventLoop>),
+    V5 {
+        eventloop: Box<v5::EventLoop>,
+        /// The broker answered this connection attempt's CONNECT (see [`refusal_v5`]).
+        connected: bool,
+    },
 }
 
 /// Builds the client and event loop of connection `index` (`0..mqtt.connections`) from the
@@ -91,7 +95,11 @@ pub fn connect(cfg: &AgentConfig, index: usize) -> Result<(Client, Session), Str
         }
         MqttProtocol::V5 => {
             let (client, eventloop) = connect_v5(cfg, index)?;
-            Ok((Client::V5(client), Session::V5(Box::new(eventloop))))
+            let session = Session::V5 {
+                eventloop: Box::new(eventloop),
+                connected: false,
+            };
+            Ok((Client::V5(client), session))
         }
     }
 }
@@ -153,10 +161,7 @@ pub fn connect_v311(
 }
 
 /// The MQTT 5 client and event loop of connection `index` (see [`connect`]).
-pub fn connect_v5(
-    cfg: &AgentConfig,
-    index: usize,
-) -> Result<(v5::AsyncClient, v5::EventLoop), String> {
+fn connect_v5(cfg: &AgentConfig, index: usize) -> Result<(v5::AsyncClient, v5::EventLoop), String> {
     let c = common(cfg, index)?;
     let mut opts = v5::MqttOptions::new(c.client_id, c.host, c.port);
     let max_packet = u32::try_from(cfg.mqtt.max_packet_bytes).unwrap_or(u32::MAX);
@@ -250,9 +255,12 @@ impl Session {
                     refusal: refusal(&e),
                 }),
             },
-            Session::V5(e) => {
+            Session::V5 {
+                eventloop,
+                connected,
+            } => {
                 use v5::mqttbytes::v5::Packet;
-                match e.poll().await {
+                match eventloop.poll().await {
                     Ok(v5::Event::Incoming(Packet::Publish(p))) => {
                         Ok(Incoming::Publish(Received {
                             // MQTT requires UTF-8 topics and the broker checks them; should
@@ -267,16 +275,22 @@ impl Session {
                             pkid: p.pkid,
                         }))
                     }
-                    Ok(v5::Event::Incoming(Packet::ConnAck(ack))) => Ok(Incoming::ConnAck {
-                        session_present: ack.session_present,
-                    }),
+                    Ok(v5::Event::Incoming(Packet::ConnAck(ack))) => {
+                        *connected = true;
+                        Ok(Incoming::ConnAck {
+                            session_present: ack.session_present,
+                        })
+                    }
                     Ok(v5::Event::Incoming(Packet::SubAck(_))) => Ok(Incoming::SubAck),
                     Ok(v5::Event::Outgoing(Outgoing::Disconnect)) => Ok(Incoming::DisconnectSent),
                     Ok(_) => Ok(Incoming::Other),
-                    Err(e) => Err(SessionError {
-                        message: e.to_string(),
-                        refusal: refusal_v5(&e),
-                    }),
+                    Err(e) => {
+                        let answered = std::mem::replace(connected, false);
+                        Err(SessionError {
+                            message: e.to_string(),
+                            refusal: refusal_v5(&e, answered),
+                        })
+                    }
                 }
             }
         }
@@ -313,9 +327,13 @@ const TLS_ALERT: &str = "the broker ended the TLS session with an alert: usually
 const NOT_MQTT: &str = "the broker answered with bytes that are not MQTT: if that port serves \
                         TLS, use mqtts:// (and [mqtt.tls])";
 
+const NO_MQTT5: &str = "the broker does not speak MQTT 5 (it refused or dropped our MQTT 5 \
+                        CONNECT; the embedded broker speaks 3.1.1 only): set mqtt.protocol = \
+                        \"3.1.1\"";
+
 /// Why an MQTT 3.1.1 connection error is a refusal (TLS or credentials) rather than the
 /// network, in words.
-pub fn refusal(e: &rumqttc::ConnectionError) -> Option<&'static str> {
+fn refusal(e: &rumqttc::ConnectionError) -> Option<&'static str> {
     use rumqttc::{ConnectReturnCode, ConnectionError, StateError};
     match e {
         ConnectionError::Tls(_) => Some(TLS_FAILED),
@@ -334,8 +352,10 @@ pub fn refusal(e: &rumqttc::ConnectionError) -> Option<&'static str> {
     }
 }
 
-/// [`refusal`] for MQTT 5 connections; also names a broker that does not speak MQTT 5.
-pub fn refusal_v5(e: &v5::ConnectionError) -> Option<&'static str> {
+/// [`refusal`] for MQTT 5 connections; also names a broker that does not speak MQTT 5: one
+/// that refuses the protocol version, or closes the connection before answering our CONNECT
+/// (`answered` false; rumqttd and other 3.1.1-only brokers do that).
+fn refusal_v5(e: &v5::ConnectionError, answered: bool) -> Option<&'static str> {
     use v5::mqttbytes::v5::ConnectReturnCode;
     use v5::{ConnectionError, StateError};
     match e {
@@ -346,7 +366,8 @@ pub fn refusal_v5(e: &v5::ConnectionError) -> Option<&'static str> {
         ConnectionError::ConnectionRefused(
             ConnectReturnCode::RefusedProtocolVersion
             | ConnectReturnCode::UnsupportedProtocolVersion,
-        ) => Some("the broker does not speak MQTT 5: set mqtt.protocol = \"3.1.1\""),
+        ) => Some(NO_MQTT5),
+        ConnectionError::MqttState(StateError::ConnectionAborted) if !answered => Some(NO_MQTT5),
         ConnectionError::MqttState(state) if state.to_string().contains("received fatal alert") => {
             Some(TLS_ALERT)
         }

@@ -65,7 +65,7 @@ fn messages(format: Format, streams: usize) -> (Vec<Message>, usize) {
     for m in 0..MESSAGES {
         let node = m % streams;
         let round = (m / streams) as f64;
-        let kelvin = node % 5 == 0;
+        let kelvin = node.is_multiple_of(5);
         let value = |k: usize| {
             let c = 20.0 + ((m * PER_PACK + k) % 11) as f64 * 0.37;
             if kelvin { c + 273.15 } else { c }

@@ -288,7 +288,9 @@ impl WindowConfig {
             out.push(("window_seconds", "must be between 1 and 86400".into()));
         }
         if let Some(slide) = self.slide_seconds
-            && (slide == 0 || slide > self.window_seconds || self.window_seconds % slide != 0)
+            && (slide == 0
+                || slide > self.window_seconds
+                || !self.window_seconds.is_multiple_of(slide))
         {
             out.push((
                 "slide_seconds",

@@ -102,7 +102,7 @@ fn sequence(setup: &Setup, messages_per_stream: usize) -> Sequence {
             let mut values = Vec::new();
             for k in 0..PER_MESSAGE {
                 n += 1;
-                let v = if n % 23 == 0 {
+                let v = if n.is_multiple_of(23) {
                     500.0
                 } else {
                     ((n * 7919) % 1000) as f64 / 20.0
@@ -481,10 +481,10 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         receiver_stats.2,
     );
     println!("{report}");
-    if let Ok(path) = std::env::var("EDGEWISE_CHAOS_REPORT") {
-        if let Ok(mut f) = std::fs::File::create(path) {
-            let _ = writeln!(f, "{report}");
-        }
+    if let Ok(path) = std::env::var("EDGEWISE_CHAOS_REPORT")
+        && let Ok(mut f) = std::fs::File::create(path)
+    {
+        let _ = writeln!(f, "{report}");
     }
     assert!(wrong.is_empty(), "{report}\n{}", wrong.join("\n"));
     assert_eq!((lost, duplicated, twice), (0, 0, 0), "{report}");

@@ -208,7 +208,7 @@ mod tests {
         type Error = &'static str;
         fn read(&mut self) -> Result<[f64; 2], &'static str> {
             self.n += 1;
-            if self.fail_every > 0 && self.n % self.fail_every == 0 {
+            if self.fail_every > 0 && self.n.is_multiple_of(self.fail_every) {
                 return Err("nack");
             }
             Ok([f64::from(self.n), -f64::from(self.n)])

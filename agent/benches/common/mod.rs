@@ -268,7 +268,7 @@ impl Run {
             readings += decoded.map_or(0, |d| d.readings);
             self.next = (self.next + 1) % self.streams;
             self.sent += 1;
-            let batch_ends = self.sent % BATCH as u64 == 0;
+            let batch_ends = self.sent.is_multiple_of(BATCH as u64);
             if window && (batch_ends || i + 1 == n) {
                 self.apply_kept();
             }

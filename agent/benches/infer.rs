@@ -6,7 +6,9 @@
 //! the Python side uses). Timing: after a warm-up, repeated runs for about `--seconds` per case;
 //! the figure is the median of 5 rounds of mean time per batch.
 //!
-//! `cargo bench -p edgewise-agent --bench infer -- [--seconds S]` prints one line per case:
+//! `cargo bench -p edgewise-agent --bench infer -- [--seconds S] [--only MODEL:BATCH[:WHAT]]` prints
+//! one line per case (`--only`: that case alone, for a profiler; WHAT: `tract`, `tract-sym` or
+//! `tract-score`, default all three):
 //! `tract <model> <batch> <microseconds per batch>` (a full batch: the scorer's fixed-batch
 //! plan), `tract-sym ...` (the same rows through the symbolic-batch plan, which partial batches
 //! use) and `tract-score ...` (`score()`: features + model + writing the scores into the
@@ -27,10 +29,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
+    let only: Option<&str> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
     for model in ["anomaly", "fault"] {
         let (cfg, rows, summaries) = setup(&models, model)?;
         for batch in BATCHES {
+            let case = format!("{model}:{batch}");
+            if only.is_some_and(|o| !o.starts_with(&case)) {
+                continue;
+            }
+            let runs = |what: &str| {
+                only.is_none_or(|o| o == case || o.strip_prefix(&case) == Some(&format!(":{what}")))
+            };
             let mut scorer = Scorer::load(&InferenceConfig {
                 batch_size: batch,
                 ..cfg.clone()
@@ -38,11 +52,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let width = scorer.input_width();
             let input: Vec<f32> = rows.iter().cycle().take(batch).flatten().copied().collect();
             assert_eq!(input.len(), batch * width);
-            let us = measure(seconds, || {
-                let out = scorer.run(&input).map(|o| o.len());
-                std::hint::black_box(out).ok();
-            });
-            println!("tract {model} {batch} {us:.3}");
+            if runs("tract") {
+                let us = measure(seconds, || {
+                    let out = scorer.run(&input).map(|o| o.len());
+                    std::hint::black_box(out).ok();
+                });
+                println!("tract {model} {batch} {us:.3}");
+            }
             // The same rows through the symbolic-batch plan (what a batch of any other size
             // uses, and what every batch used before the fixed-batch plan): a scorer configured
             // for one more row than it is given.
@@ -50,18 +66,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 batch_size: batch + 1,
                 ..cfg.clone()
             })?;
-            let us = measure(seconds, || {
-                let out = symbolic.run(&input).map(|o| o.len());
-                std::hint::black_box(out).ok();
-            });
-            println!("tract-sym {model} {batch} {us:.3}");
+            if runs("tract-sym") {
+                let us = measure(seconds, || {
+                    let out = symbolic.run(&input).map(|o| o.len());
+                    std::hint::black_box(out).ok();
+                });
+                println!("tract-sym {model} {batch} {us:.3}");
+            }
             let mut batch_of: Vec<WindowSummary> =
                 summaries.iter().cycle().take(batch).cloned().collect();
-            let us = measure(seconds, || {
-                let r = scorer.score(&mut batch_of);
-                std::hint::black_box(r.scored);
-            });
-            println!("tract-score {model} {batch} {us:.3}");
+            if runs("tract-score") {
+                let us = measure(seconds, || {
+                    let r = scorer.score(&mut batch_of);
+                    std::hint::black_box(r.scored);
+                });
+                println!("tract-score {model} {batch} {us:.3}");
+            }
         }
     }
     Ok(())

@@ -31,6 +31,8 @@
 
 pub mod config;
 pub mod features;
+#[cfg(target_arch = "x86_64")]
+mod kernel;
 pub mod model;
 pub mod swap;
 pub mod worker;

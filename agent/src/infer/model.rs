@@ -303,7 +303,7 @@ impl Scorer {
     /// [`Scorer::input_width`]) and returns the `[rows, K]` output, row-major.
     pub fn run(&mut self, rows: &[f32]) -> Result<Vec<f32>, InferenceError> {
         let width = self.inputs.len();
-        if rows.is_empty() || rows.len() % width != 0 {
+        if rows.is_empty() || !rows.len().is_multiple_of(width) {
             return Err(InferenceError::InputLength {
                 len: rows.len(),
                 width,
@@ -365,7 +365,10 @@ impl Scorer {
             ));
         }
         let start = out.len();
-        out.extend(view.iter().copied());
+        match view.as_slice() {
+            Some(contiguous) => out.extend_from_slice(contiguous),
+            None => out.extend(view.iter().copied()),
+        }
         if let Some(softmax) = &self.softmax {
             softmax.apply(&mut out[start..], self.output_width, &self.path)?;
         }
@@ -452,6 +455,11 @@ impl Scorer {
 /// tract's Softmax op (see the module docs). Same arithmetic as that op: subtract the row's max,
 /// exponentiate with tract's Softmax2 kernel, multiply by the reciprocal of the row's sum; but
 /// the kernel runs once over the whole batch instead of once per row.
+/// The lowest logit-minus-maximum [`SoftmaxHead::apply`] exponentiates: exp(-80) is 1.8e-35,
+/// which divided by a row's sum (at most its width) stays above the smallest normal f32
+/// (1.2e-38) for rows up to 1,500 wide.
+const EXP_FLOOR: f32 = -80.0;
+
 struct SoftmaxHead {
     /// exp(x - param) in place over a slice (tract's vectorised kernel for this machine).
     exp: Box<dyn MapReduce<f32, f32>>,
@@ -490,12 +498,21 @@ impl SoftmaxHead {
     }
 
     /// Replaces each row of `width` logits in `values` by its softmax.
+    ///
+    /// A logit more than [`EXP_FLOOR`] below its row's maximum counts as exactly that far
+    /// below: its probability (under 2e-35 either way) stays a normal float instead of a
+    /// subnormal one, which the processor multiplies and adds through a microcode assist about
+    /// a hundred times slower (measured: the head cost as much as the first two layers at batch
+    /// 256). NaN stays NaN.
     fn apply(&self, values: &mut [f32], width: usize, path: &Path) -> Result<(), InferenceError> {
         for row in values.chunks_exact_mut(width) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            row.iter_mut().for_each(|x| *x -= max);
+            for x in row.iter_mut() {
+                let d = *x - max;
+                *x = if d < EXP_FLOOR { EXP_FLOOR } else { d };
+            }
         }
-        // Every value is now <= 0: one kernel call exponentiates the whole batch.
+        // Every value is now in [EXP_FLOOR, 0]: one kernel call exponentiates the whole batch.
         self.exp
             .run_with_params(values, 0.0)
             .map_err(|e| InferenceError::tract(path, "softmax", e))?;
@@ -520,18 +537,24 @@ fn plan_state(model: TypedModel, path: &Path) -> Result<PlanState, InferenceErro
 
 /// The agent's matmul kernel choice, registered with tract-linalg as a dispatch tier above its
 /// own x86_64 tiers: for an f32 product with a full batch of rows (`m` >= 128, known), a narrow
-/// layer (`n` a multiple of 8 up to 64) and a short inner dimension (`k` <= 64), the AVX-512
-/// 16x8 kernel. Anything else (the symbolic-batch plan, `n` = 1 or 7, other machines) is left
-/// to tract's tiers. Measured with `models/bench.sh` (README, "Edge inference"): tract's cost
-/// model picks `fma_mmm_f32_40x2` and `fma_mmm_f32_24x4` for the anomaly model's 32- and
-/// 16-wide layers at 256 rows, and 40x2 for the fault model's 64-wide first layer.
+/// layer (`n` a multiple of 8 up to 64) and a short inner dimension (`k` <= 64), one of the
+/// agent's row-vector kernels ([`super::kernel`]: 8x32 when `n` is a multiple of 32, 16x16 when
+/// of 16) or else tract's AVX-512 16x8. Anything else (the symbolic-batch plan, `n` = 1 or 7,
+/// other machines) is left to tract's tiers. Measured with `models/bench.sh` (README, "Edge
+/// inference"): tract's cost model picks `fma_mmm_f32_40x2` and `fma_mmm_f32_24x4` for the
+/// anomaly model's 32- and 16-wide layers at 256 rows, and 40x2 for the fault model's 64-wide
+/// first layer; its 16x8 was faster, and the row-vector kernels are faster again.
 mod kernel_choice {
     use tract_onnx::prelude::DatumType;
     use tract_onnx::tract_hir::tract_core::tract_linalg::isa::{Arch, Isa, IsaSet};
     use tract_onnx::tract_hir::tract_core::tract_linalg::mmm::{Query, Suitable};
     use tract_onnx::tract_hir::tract_core::tract_linalg::mmm_tiers::MmmTier;
 
-    pub(super) const KERNEL: &str = "avx512_mmm_f32_16x8";
+    /// The names of `super::super::kernel`'s kernels (that module exists on x86_64 only).
+    pub(super) const ROWS_8X32: &str = "edgewise_avx512_f32_8x32";
+    pub(super) const ROWS_16X16: &str = "edgewise_avx512_f32_16x16";
+    /// tract's own.
+    pub(super) const TRACT_16X8: &str = "avx512_mmm_f32_16x8";
 
     /// Which kernel the tier names for `query`, `None` to leave it to tract.
     pub(super) fn preferred(
@@ -543,8 +566,15 @@ mod kernel_choice {
         let (Some(m), Some(k), Some(n)) = (query.m, query.k, query.n) else {
             return None;
         };
-        let narrow_layer = n % 8 == 0 && (8..=64).contains(&n) && k <= 64;
-        (dt == DatumType::F32 && m >= 128 && narrow_layer).then_some(KERNEL)
+        if dt != DatumType::F32 || m < 128 || k > 64 || !(8..=64).contains(&n) {
+            return None;
+        }
+        match n {
+            n if n % 32 == 0 => Some(ROWS_8X32),
+            n if n % 16 == 0 => Some(ROWS_16X16),
+            n if n % 8 == 0 => Some(TRACT_16X8),
+            _ => None,
+        }
     }
 
     inventory::submit! {
@@ -609,16 +639,21 @@ mod tests {
     }
 
     #[test]
-    fn kernel_choice_names_16x8_for_full_batch_narrow_layers_only() {
+    fn kernel_choice_names_a_kernel_for_full_batch_narrow_layers_only() {
         use tract_onnx::tract_hir::tract_core::tract_linalg::isa;
         use tract_onnx::tract_hir::tract_core::tract_linalg::mmm::Query;
         let f32_query = |m, k, n| Query::plain(DatumType::F32, m, k, n);
         let pick = |q: &Query| kernel_choice::preferred(&isa::native(), DatumType::F32, q, &[]);
-        for (k, n) in [(5, 32), (32, 16), (7, 64), (64, 32)] {
-            assert_eq!(
-                pick(&f32_query(Some(256), Some(k), Some(n))),
-                Some(kernel_choice::KERNEL)
-            );
+        for (k, n, kernel) in [
+            (5, 32, kernel_choice::ROWS_8X32),
+            (7, 64, kernel_choice::ROWS_8X32),
+            (64, 32, kernel_choice::ROWS_8X32),
+            (32, 16, kernel_choice::ROWS_16X16),
+            (32, 48, kernel_choice::ROWS_16X16),
+            (16, 8, kernel_choice::TRACT_16X8),
+            (16, 24, kernel_choice::TRACT_16X8),
+        ] {
+            assert_eq!(pick(&f32_query(Some(256), Some(k), Some(n))), Some(kernel));
         }
         // Left to tract: a symbolic or small batch, n = 1 or 7, a long k, another type.
         assert_eq!(pick(&f32_query(None, Some(5), Some(32))), None);
@@ -659,6 +694,14 @@ mod tests {
                 (*got as f64 - want).abs() < 1e-6,
                 "value {i}: {got} instead of {want}"
             );
+            // Far below the maximum: a normal float near zero, never a subnormal.
+            assert!(!got.is_subnormal(), "value {i}: {got} is subnormal");
         }
+        // A NaN logit makes its row NaN (the scorer then rejects it); other rows are untouched.
+        let mut rows = vec![0.0, f32::NAN, 1.0, 0.0, 0.0, 1.0];
+        head.apply(&mut rows, 3, Path::new("test.onnx"))
+            .expect("softmax runs");
+        assert!(rows[..3].iter().all(|x| x.is_nan()), "{rows:?}");
+        assert!(rows[3..].iter().all(|x| x.is_finite()), "{rows:?}");
     }
 }

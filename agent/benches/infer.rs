@@ -39,12 +39,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (cfg, rows, summaries) = setup(&models, model)?;
         for batch in BATCHES {
             let case = format!("{model}:{batch}");
-            if only.is_some_and(|o| !o.starts_with(&case)) {
+            let runs = |what: &str| only.is_none_or(|o| o == case || o == format!("{case}:{what}"));
+            if !["tract", "tract-sym", "tract-score"].into_iter().any(runs) {
                 continue;
             }
-            let runs = |what: &str| {
-                only.is_none_or(|o| o == case || o.strip_prefix(&case) == Some(&format!(":{what}")))
-            };
             let mut scorer = Scorer::load(&InferenceConfig {
                 batch_size: batch,
                 ..cfg.clone()

@@ -623,9 +623,14 @@ impl Store {
         interval: std::time::Duration,
     ) -> Result<(), StoreError> {
         if self.checkpointer.is_none() {
-            // The file this connection opened (`None` only for in-memory databases, which have
-            // no WAL to checkpoint).
-            let Some(path) = self.conn.path().map(PathBuf::from) else {
+            // The file this connection opened (rusqlite says `Some("")` for in-memory and
+            // temporary databases, which have no WAL to checkpoint).
+            let Some(path) = self
+                .conn
+                .path()
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+            else {
                 return Ok(());
             };
             self.checkpointer = Some(Checkpointer::start(&path, interval)?);

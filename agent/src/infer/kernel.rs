@@ -50,6 +50,7 @@ const UNSUPPORTED: isize = 1;
 
 fn make<const MR: usize, const NR: usize, const NV: usize>(name: &str) -> Box<dyn MatMatMul> {
     const { assert!(NR == NV * LANES) };
+    // `new` takes tract's packed formats; the rows' one is replaced by `RowPanels` below.
     let mut kernel =
         DynKernel::<MR, NR, f32>::new(name, run::<MR, NV>, f32::packing(MR), f32::packing(NR))
             .with_isa(IsaReq::ANY.needing(&[Isa::X86_64Avx512f]))
@@ -271,13 +272,14 @@ impl<const MR: usize, const NV: usize> Tile<MR, NV> {
     /// f32 and f16 outputs; anything else is refused.
     #[target_feature(enable = "avx512f")]
     unsafe fn store(&self, tile: &OutputStoreKer) -> bool {
-        let contiguous = tile.col_byte_stride == tile.item_size as isize;
+        let whole_vectors =
+            tile.item_size == size_of::<f32>() && tile.col_byte_stride == size_of::<f32>() as isize;
         for (r, row) in self.acc.iter().enumerate() {
             // SAFETY: tract's tile pointer and strides cover MR x NR values of item_size bytes.
             unsafe {
                 let base = tile.ptr.offset(tile.row_byte_stride * r as isize);
                 for (v, acc) in row.iter().enumerate() {
-                    if tile.item_size == size_of::<f32>() && contiguous {
+                    if whole_vectors {
                         _mm512_storeu_ps(base.add(v * LANES * size_of::<f32>()) as *mut f32, *acc);
                         continue;
                     }
@@ -347,7 +349,7 @@ impl RowPanels {
         let (k_stride, mn_stride) = (t.strides()[k_axis], t.strides()[mn_axis]);
         let len = mn.div_ceil(self.r) * self.r * k;
         // SAFETY: size and alignment valid (at least one value, a power of two).
-        let mut blob = unsafe { Blob::new_for_size_and_align(len.max(1) * 4, 64) };
+        let mut blob = unsafe { Blob::new_for_size_and_align(len.max(1) * size_of::<f32>(), 64) };
         // SAFETY: the blob holds `len` f32, aligned.
         let dst = unsafe {
             std::slice::from_raw_parts_mut(blob.as_bytes_mut().as_mut_ptr() as *mut f32, len)
@@ -370,7 +372,7 @@ impl RowPanels {
                 k,
             },
             packed: Arc::new(blob),
-            panel_bytes: self.r * k * 4,
+            panel_bytes: self.r * k * size_of::<f32>(),
             mn,
         })
     }
@@ -411,7 +413,7 @@ impl RowPanels {
         );
         let k = data.k();
         let bytes = data.packed.as_bytes();
-        ensure!(mn < data.mn() && bytes.len() >= (mn + 1) * k * 4);
+        ensure!(mn < data.mn() && bytes.len() >= (mn + 1) * k * size_of::<f32>());
         // SAFETY: the blob is 64-byte aligned and holds at least (mn + 1) * k f32.
         let all = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, (mn + 1) * k) };
         Ok(&all[mn * k..])
@@ -446,7 +448,7 @@ impl MMMInputFormat for RowPanels {
     }
 
     fn mem_size(&self, k: TDim, mn: TDim) -> TDim {
-        mn.divceil(self.r) * self.r * k * 4
+        mn.divceil(self.r) * self.r * k * size_of::<f32>()
     }
 
     fn extract_at_mn_f16(
@@ -814,8 +816,39 @@ mod tests {
                 .expect("the tier answers");
             assert_eq!(kernel.name(), name, "k {k} n {n}");
         }
-        // Nowhere else: tract's own choice for a large square product is not ours.
-        let square = dispatch.preferred_kernel(DatumType::F32, Some(512), Some(512), Some(512));
-        assert!(square.is_none_or(|k| !k.name().starts_with("edgewise")));
+        // Nowhere else. tract's generic rules rank kernels by preference: ours is below every
+        // x86_64 kernel of tract's, so those rules never pick it over one of them.
+        let ours = |k: &dyn MatMatMul| k.name().starts_with("edgewise");
+        let runnable = dispatch.runnable().iter().map(|k| &**k);
+        let our_best = runnable
+            .clone()
+            .filter(|k| ours(*k))
+            .map(|k| k.preference())
+            .max();
+        let tracts_worst = runnable
+            .filter(|k| !ours(*k) && k.arch() == Some(Arch::X86_64))
+            .map(|k| k.preference())
+            .min();
+        assert!(our_best.expect("registered") < tracts_worst.expect("tract's x86_64 kernels"));
+        // And tract's whole selection (its tiers answer first on x86_64) picks one of its own
+        // for a large square product, a narrow layer with a long k, and the symbolic-batch
+        // plan's shapes.
+        use tract_onnx::tract_hir::tract_core::tract_linalg::mmm::Query;
+        for (m, k, n) in [
+            (Some(512), Some(512), Some(512)),
+            (Some(256), Some(128), Some(32)),
+            (None, Some(5), Some(32)),
+            (None, Some(32), Some(16)),
+            (Some(256), None, Some(32)),
+        ] {
+            let picked = dispatch
+                .pick(&Query::plain(DatumType::F32, m, k, n))
+                .expect("tract has a kernel for every f32 product");
+            assert!(
+                !picked.0.name().starts_with("edgewise"),
+                "m {m:?} k {k:?} n {n:?}: {}",
+                picked.0.name()
+            );
+        }
     }
 }

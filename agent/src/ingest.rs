@@ -342,6 +342,10 @@ pub async fn run_pipeline(
             Ok(()) => {
                 retry_delay = Duration::from_millis(50);
                 for d in batch.drain(..) {
+                    // QoS 0 has no ack (rumqttc would do nothing with it; it is not counted).
+                    if d.message.qos == QoS::AtMostOnce {
+                        continue;
+                    }
                     let Some(client) = clients.get(d.connection) else {
                         continue;
                     };

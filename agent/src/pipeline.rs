@@ -257,14 +257,13 @@ impl Pipeline {
                         value,
                         unit: kept.unit,
                     };
-                    let refused = match windows.admit(reading) {
+                    let (admission, active) = windows.admit_and_activity(reading);
+                    let refused = match admission {
                         Admission::Late => Some("late"),
                         Admission::StreamLimit => Some("stream_limit"),
                         Admission::Open | Admission::Revision => {
                             // The cap counts the streams this batch would activate too.
-                            if windows.is_active(reading.stream)
-                                || new_streams.contains(reading.stream)
-                            {
+                            if active || new_streams.contains(reading.stream) {
                                 None
                             } else if windows.active_streams() + new_streams.len()
                                 >= windows.spec().max_streams

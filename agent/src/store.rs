@@ -382,6 +382,19 @@ impl Drop for Checkpointer {
     }
 }
 
+/// Statements kept prepared per connection: more than the store has.
+const STATEMENT_CACHE: usize = 64;
+
+/// Begins a transaction that takes the write lock at once (`BEGIN IMMEDIATE`), waiting for it
+/// up to the busy timeout. A deferred transaction that reads before it writes (the journal
+/// deletion selects its cutoff first) fails at once with "database is locked" when another
+/// connection (the uploader's) committed in between: SQLite cannot move a read snapshot
+/// forward inside a transaction, so the busy timeout does not apply. Every transaction the
+/// store writes in starts here.
+fn write_transaction(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
+
 /// Most journal rows one transaction deletes (see the module docs): a few milliseconds of work,
 /// so the ingest loop never stalls on it, and far more than a batch inserts, so deletion keeps
 /// ahead of ingest.
@@ -427,6 +440,9 @@ impl Store {
     pub fn open_with(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement the store runs stays prepared (rusqlite keeps 16 by default; with
+        // more, the ingest and close paths evicted and re-prepared each other's statements).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         let sync = match opts.sync {
             SyncMode::Normal => "NORMAL",
@@ -610,7 +626,7 @@ impl Store {
             reason: REASON_STORE_CORRUPT.into(),
             recorded_at_ms: now,
         };
-        let tx = store.conn.transaction()?;
+        let tx = write_transaction(&mut store.conn)?;
         insert_gap(&tx, gap)?;
         tx.commit()?;
         Ok((store, Some(Recovered { moved_to, reason })))
@@ -734,7 +750,7 @@ impl Store {
             }
         }
         let journal = self.opts.journal;
-        let tx = self.conn.transaction()?;
+        let tx = write_transaction(&mut self.conn)?;
         {
             if journal {
                 let mut ins = tx.prepare_cached(
@@ -781,7 +797,7 @@ impl Store {
         if closed.is_empty() {
             return Ok(CloseOutcome::default());
         }
-        let tx = self.conn.transaction()?;
+        let tx = write_transaction(&mut self.conn)?;
         {
             let mut out = tx.prepare_cached(
                 "INSERT OR IGNORE INTO outbox
@@ -858,7 +874,7 @@ impl Store {
         if !self.released_left {
             return Ok(0);
         }
-        let tx = self.conn.transaction()?;
+        let tx = write_transaction(&mut self.conn)?;
         let (deleted, left) = delete_journal_chunk(&tx, journal_before_ms)?;
         tx.commit()?;
         self.released_left = left;
@@ -987,7 +1003,7 @@ impl Store {
     /// sent latest values as delivered, after the cloud's ack, in one transaction. Returns how
     /// many rows went (latest values not counted).
     pub fn outbox_remove(&mut self, sent: &SentKeys) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = write_transaction(&mut self.conn)?;
         let mut n = 0;
         {
             let mut del = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
@@ -1013,7 +1029,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<usize, StoreError> {
         let (summary_seqs, gap_seqs) = (&sent.summaries, &sent.gaps);
-        let tx = self.conn.transaction()?;
+        let tx = write_transaction(&mut self.conn)?;
         let mut n = 0;
         {
             let mut keep = tx.prepare_cached(
@@ -1061,17 +1077,16 @@ impl Store {
 
     /// Rows and bytes buffered (outbox and gap records), O(1).
     pub fn buffer_usage(&self) -> Result<BufferUsage, StoreError> {
-        Ok(self.conn.query_row(
-            "SELECT summaries, gaps, bytes FROM buffer_usage WHERE id = 1",
-            [],
-            |r| {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT summaries, gaps, bytes FROM buffer_usage WHERE id = 1")?
+            .query_row([], |r| {
                 Ok(BufferUsage {
                     summaries: r.get::<_, i64>(0)?.max(0) as u64,
                     gaps: r.get::<_, i64>(1)?.max(0) as u64,
                     bytes: r.get::<_, i64>(2)?.max(0) as u64,
                 })
-            },
-        )?)
+            })?)
     }
 
     /// `(summaries, bytes)` buffered for the cloud (bytes include gap records).
@@ -1140,9 +1155,9 @@ fn enforce_cap(
     now_ms: i64,
 ) -> Result<CloseOutcome, StoreError> {
     let cap = opts.max_buffer_bytes;
-    let used: i64 = tx.query_row("SELECT bytes FROM buffer_usage WHERE id = 1", [], |r| {
-        r.get(0)
-    })?;
+    let used: i64 = tx
+        .prepare_cached("SELECT bytes FROM buffer_usage WHERE id = 1")?
+        .query_row([], |r| r.get(0))?;
     let used = used.max(0) as u64;
     if used <= cap {
         return Ok(CloseOutcome::default());
@@ -1578,6 +1593,48 @@ mod tests {
         assert_eq!(store.journal_readings().unwrap(), kept.to_vec());
         // Nothing left: no work, and a later close releases nothing more.
         assert_eq!(store.delete_released_journal(1_000_000).unwrap(), 0);
+    }
+
+    /// The uploader's connection writes (deletes sent rows) while the ingest thread deletes
+    /// released journal rows: the deletion waits for the other commit instead of failing with
+    /// "database is locked" (it did, at once, while its transaction was deferred: it reads the
+    /// cutoff before it deletes).
+    #[test]
+    fn deleting_released_rows_waits_for_another_connections_commit() {
+        let (dir, mut store) = open();
+        let chunk = JOURNAL_DELETE_CHUNK as usize;
+        let rs: Vec<Reading> = (0..chunk * 3)
+            .map(|i| reading(&format!("s{}", i % 4), i as i64, 1.0))
+            .collect();
+        let mut ins = Vec::new();
+        store.commit_ingest(views(&rs), &[], &[], &mut ins).unwrap();
+        store
+            .commit_closed(&[closed("s0", 0, false)], i64::MAX, 0)
+            .unwrap();
+        assert!(store.released_journal_left());
+
+        let other = Connection::open(dir.path().join("agent.db")).unwrap();
+        other
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 INSERT INTO dead_letter (received_ms, topic, reason, payload)
+                     VALUES (0, 't', 'r', x'00');",
+            )
+            .unwrap();
+        let (locked, release) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            locked.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            other.execute_batch("COMMIT").unwrap();
+        });
+        release.recv().unwrap();
+        let started = std::time::Instant::now();
+        let deleted = store.delete_released_journal(i64::MAX);
+        writer.join().unwrap();
+        assert!(deleted.is_ok(), "{deleted:?}");
+        assert!(deleted.unwrap() > 0);
+        // It did wait for the lock (and did not run before the other commit).
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
     }
 
     #[test]

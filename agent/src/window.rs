@@ -515,11 +515,18 @@ impl Windows {
     }
 
     pub fn admit(&self, r: ReadingView<'_>) -> Admission {
+        self.admit_and_activity(r).0
+    }
+
+    /// [`Windows::admit`], and whether the stream is active ([`Windows::is_active`]), in one
+    /// look-up of the stream (the ingest path asks both for every reading).
+    pub fn admit_and_activity(&self, r: ReadingView<'_>) -> (Admission, bool) {
         let Some(s) = self.streams.get(r.stream) else {
-            return self.admit_new_stream();
+            return (self.admit_new_stream(), false);
         };
+        let active = s.is_active();
         if r.time_ms < s.release_ms(&self.spec) {
-            return Admission::Late;
+            return (Admission::Late, active);
         }
         if self
             .spec
@@ -527,12 +534,12 @@ impl Windows {
             .saturating_add(self.spec.size_ms)
             <= s.closed_until
         {
-            return Admission::Revision;
+            return (Admission::Revision, active);
         }
-        if s.is_active() {
-            Admission::Open
+        if active {
+            (Admission::Open, true)
         } else {
-            self.admit_new_stream()
+            (self.admit_new_stream(), false)
         }
     }
 
@@ -1206,6 +1213,14 @@ mod tests {
         assert_eq!(w.admit(r("c", 0, 1.0).as_view()), Admission::StreamLimit);
         assert_eq!(w.admit(r("a", 500, 1.0).as_view()), Admission::Open);
         assert!(w.is_active("a") && !w.is_active("c"));
+        assert_eq!(
+            w.admit_and_activity(r("a", 500, 1.0).as_view()),
+            (Admission::Open, true)
+        );
+        assert_eq!(
+            w.admit_and_activity(r("c", 0, 1.0).as_view()),
+            (Admission::StreamLimit, false)
+        );
         assert_eq!(w.advance(1_000, usize::MAX).len(), 2);
         assert_eq!(w.active_streams(), 0);
         assert_eq!(w.admit(r("c", 0, 1.0).as_view()), Admission::Open);
@@ -1410,6 +1425,10 @@ mod tests {
                 }
                 let x = r(&format!("s{s}"), *t, *v);
                 let newest = max_event.get(&x.stream).copied();
+                prop_assert_eq!(
+                    w.admit_and_activity(x.as_view()),
+                    (w.admit(x.as_view()), w.is_active(&x.stream))
+                );
                 match w.admit(x.as_view()) {
                     Admission::Late => {
                         let m = newest.unwrap_or(i64::MIN);

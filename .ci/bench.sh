@@ -26,7 +26,14 @@ trap 'rm -rf "$out"' EXIT
 timeout 300 "$CARGO_TARGET_DIR/debug/edgewise-bench" \
   --agent-bin "$CARGO_TARGET_DIR/debug/edgewise-agent" \
   --brokers mosquitto,embedded --qos 1 --sensors 100 --rates 200 --step-seconds 3 \
-  --json "$out/bench.json"
+  --json "$out/bench.json" --keep | tee "$out/bench.out"
+
+step "the private Mosquitto wrote its log (it runs as its own user, in the harness's directory)"
+kept="$(sed -n 's/^files kept in //p' "$out/bench.out")"
+[ -n "$kept" ] && [ -d "$kept" ] || { echo "no kept directory printed"; exit 1; }
+trap 'rm -rf "$out" "$kept"' EXIT
+[ -s "$kept/mosquitto/mosquitto.log" ] || {
+  echo "no Mosquitto log in $kept/mosquitto:"; ls -la "$kept/mosquitto"; cat "$kept/mosquitto/mosquitto.stderr"; exit 1; }
 
 step "the JSON has both cases, each with a sustained ceiling and agent step that add up"
 jq -e '

@@ -71,6 +71,15 @@ impl Mosquitto {
         let machine = std::fs::read_to_string(machine_config)
             .with_context(|| format!("reading {}", machine_config.display()))?;
         let addr = crate::free_loopback_addr()?;
+        // Started as root, Mosquitto switches to its own user (`mosquitto`) before it opens its
+        // log and persistence files: the directory must be writable by that user too, or the
+        // broker runs without a log ("Unable to open log file" in mosquitto.stderr).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+                .with_context(|| format!("making {} writable for the broker", dir.display()))?;
+        }
         let conf = dir.join("mosquitto.conf");
         std::fs::write(&conf, private_config(&machine, dir, addr.port(), extra))
             .with_context(|| format!("writing {}", conf.display()))?;

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::QoS;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
@@ -248,7 +247,7 @@ async fn fill_batch(
 
 /// Counts a message that waits for its ack (QoS 1 or 2) against its connection.
 fn count_unacked(unacked: &mut [usize], d: &Delivery) {
-    if d.message.qos != QoS::AtMostOnce
+    if d.message.needs_ack()
         && let Some(n) = unacked.get_mut(d.connection)
     {
         *n += 1;
@@ -342,8 +341,8 @@ pub async fn run_pipeline(
             Ok(()) => {
                 retry_delay = Duration::from_millis(50);
                 for d in batch.drain(..) {
-                    // QoS 0 has no ack (rumqttc would do nothing with it; it is not counted).
-                    if d.message.qos == QoS::AtMostOnce {
+                    // rumqttc would do nothing with a QoS 0 "ack"; it is not counted either.
+                    if !d.message.needs_ack() {
                         continue;
                     }
                     let Some(client) = clients.get(d.connection) else {
@@ -379,6 +378,7 @@ pub async fn run_pipeline(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttc::QoS;
 
     fn policy(max_messages: usize, max_unacked: usize, max_wait: Duration) -> BatchPolicy {
         BatchPolicy {

@@ -388,8 +388,9 @@ const STATEMENT_CACHE: usize = 64;
 /// Begins a transaction that takes the write lock at once (`BEGIN IMMEDIATE`), waiting for it
 /// up to the busy timeout. A deferred transaction that reads before it writes (the journal
 /// deletion selects its cutoff first) fails at once with "database is locked" when another
-/// connection (the uploader's) committed in between: SQLite cannot move a read snapshot
-/// forward inside a transaction, so the busy timeout does not apply. Every transaction the
+/// connection (the uploader's) holds the write lock then or committed in between: SQLite cannot
+/// wait for the lock, or move the read snapshot forward, inside a transaction that already
+/// reads, so the busy timeout does not apply. Every transaction the
 /// store writes in starts here.
 fn write_transaction(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)

@@ -214,6 +214,34 @@ async fn sqlite_old_database_migrates_to_keyed_hashes_and_auth_rules_hold() {
     assert_eq!(again.authenticate(&old_token).unwrap(), Some("gw-1".into()));
 }
 
+/// The hash rewrite reads the hashes, then writes them: while another connection (another
+/// receiver on the same file) holds the write lock it waits for it instead of failing at once
+/// with "database is locked", as it did in a deferred transaction.
+#[test]
+fn sqlite_hash_rewrite_waits_for_another_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cloud.db");
+    let old_token = Store::open(&db).unwrap().add_device("gw-1").unwrap();
+    let store = Store::open(&db).unwrap();
+
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let (locked, release) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        locked.send(()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        other.execute_batch("COMMIT").unwrap();
+    });
+    release.recv().unwrap();
+    let started = std::time::Instant::now();
+    let rewritten = store.with_token_hasher(TokenHasher::keyed(key()));
+    writer.join().unwrap();
+    let store = rewritten.expect("the rewrite waited for the lock");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert!(sqlite_hashes(&db)[0].1.starts_with(KEYED_PREFIX));
+    assert_eq!(store.authenticate(&old_token).unwrap(), Some("gw-1".into()));
+}
+
 #[tokio::test]
 async fn postgres_old_database_migrates_to_keyed_hashes_and_auth_rules_hold() {
     if pg_url().is_none() {

@@ -553,7 +553,7 @@ mod kernel_choice {
     use tract_onnx::tract_hir::tract_core::tract_linalg::mmm::{Query, Suitable};
     use tract_onnx::tract_hir::tract_core::tract_linalg::mmm_tiers::MmmTier;
 
-    pub(super) use super::super::kernel::{KERNEL_8X32 as ROWS_8X32, KERNEL_16X16 as ROWS_16X16};
+    pub(super) use super::super::kernel::{KERNEL_8X32, KERNEL_16X16};
     /// tract's own.
     pub(super) const TRACT_16X8: &str = "avx512_mmm_f32_16x8";
 
@@ -571,8 +571,8 @@ mod kernel_choice {
             return None;
         }
         match n {
-            n if n % 32 == 0 => Some(ROWS_8X32),
-            n if n % 16 == 0 => Some(ROWS_16X16),
+            n if n % 32 == 0 => Some(KERNEL_8X32),
+            n if n % 16 == 0 => Some(KERNEL_16X16),
             n if n % 8 == 0 => Some(TRACT_16X8),
             _ => None,
         }
@@ -647,11 +647,11 @@ mod tests {
         let f32_query = |m, k, n| Query::plain(DatumType::F32, m, k, n);
         let pick = |q: &Query| kernel_choice::preferred(&isa::native(), DatumType::F32, q, &[]);
         for (k, n, kernel) in [
-            (5, 32, kernel_choice::ROWS_8X32),
-            (7, 64, kernel_choice::ROWS_8X32),
-            (64, 32, kernel_choice::ROWS_8X32),
-            (32, 16, kernel_choice::ROWS_16X16),
-            (32, 48, kernel_choice::ROWS_16X16),
+            (5, 32, kernel_choice::KERNEL_8X32),
+            (7, 64, kernel_choice::KERNEL_8X32),
+            (64, 32, kernel_choice::KERNEL_8X32),
+            (32, 16, kernel_choice::KERNEL_16X16),
+            (32, 48, kernel_choice::KERNEL_16X16),
             (16, 8, kernel_choice::TRACT_16X8),
             (16, 24, kernel_choice::TRACT_16X8),
         ] {

@@ -39,6 +39,13 @@ pub struct Received {
     pub pkid: u16,
 }
 
+impl Received {
+    /// Whether the broker waits for this message's ack (QoS 1 or 2; QoS 0 has none).
+    pub fn needs_ack(&self) -> bool {
+        self.qos != QoS::AtMostOnce
+    }
+}
+
 /// What one poll of a connection produced, as the ingest loop needs it.
 #[derive(Debug)]
 pub enum Incoming {

@@ -324,7 +324,10 @@ impl Store {
     pub fn with_token_hasher(mut self, hasher: TokenHasher) -> Result<Store, StoreError> {
         {
             let mut conn = self.lock();
-            let tx = conn.transaction()?;
+            // IMMEDIATE, as the writer's: it reads the hashes, then rewrites them, and a deferred
+            // transaction fails at once ("database is locked") if another connection holds the
+            // write lock or commits in between, instead of waiting out the busy timeout.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let rows: Vec<(String, String)> = {
                 let mut stmt = tx.prepare("SELECT id, token_hash FROM devices")?;
                 stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?

@@ -215,11 +215,60 @@ impl BatchPolicy {
     }
 }
 
+/// The pipeline's end of the channel. It takes what is queued in bulk
+/// ([`mpsc::Receiver::recv_many`]): one call frees the senders' slots together and wakes a waiting connection task once, where
+/// taking messages one at a time woke it (a thread hop) for every message while the channel was
+/// full. What a batch does not take stays staged, in order, for the next one.
+pub struct Inbox {
+    rx: mpsc::Receiver<Delivery>,
+    staged: std::collections::VecDeque<Delivery>,
+    scratch: Vec<Delivery>,
+}
+
+/// Most messages one bulk take moves out of the channel.
+const TAKE_AT_ONCE: usize = 1024;
+
+impl Inbox {
+    pub fn new(rx: mpsc::Receiver<Delivery>) -> Self {
+        Inbox {
+            rx,
+            staged: std::collections::VecDeque::new(),
+            scratch: Vec::with_capacity(TAKE_AT_ONCE),
+        }
+    }
+
+    /// The next message, waiting for one; `None` once the channel is closed and drained.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        if self.staged.is_empty() {
+            self.take().await?;
+        }
+        self.staged.pop_front()
+    }
+
+    /// The next message if one arrives before `deadline`.
+    async fn recv_until(&mut self, deadline: Instant) -> Option<Delivery> {
+        if self.staged.is_empty() {
+            tokio::time::timeout_at(deadline, self.take())
+                .await
+                .ok()??;
+        }
+        self.staged.pop_front()
+    }
+
+    /// Waits until the channel holds something, then stages all of it (up to
+    /// [`TAKE_AT_ONCE`]); `None` when it is closed and empty.
+    async fn take(&mut self) -> Option<()> {
+        let n = self.rx.recv_many(&mut self.scratch, TAKE_AT_ONCE).await;
+        self.staged.extend(self.scratch.drain(..));
+        (n > 0).then_some(())
+    }
+}
+
 /// Fills `batch`, which holds the batch's first message, until it is [`BatchPolicy::full`] or
 /// `policy.max_wait` has passed since that first message (or the channel closed). `connections`:
 /// how many connections deliver (every `Delivery::connection` is below it).
 async fn fill_batch(
-    rx: &mut mpsc::Receiver<Delivery>,
+    inbox: &mut Inbox,
     batch: &mut Vec<Delivery>,
     policy: &BatchPolicy,
     connections: usize,
@@ -230,15 +279,8 @@ async fn fill_batch(
     }
     let deadline = Instant::now() + policy.max_wait;
     while !policy.full(batch, &unacked) {
-        let next = match rx.try_recv() {
-            Ok(p) => p,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(p)) => p,
-                    _ => break,
-                }
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        let Some(next) = inbox.recv_until(deadline).await else {
+            break;
         };
         count_unacked(&mut unacked, &next);
         batch.push(next);
@@ -259,7 +301,7 @@ fn count_unacked(unacked: &mut [usize], d: &Delivery) {
 /// `clients[i]` acks what connection `i` delivered.
 pub async fn run_pipeline(
     mut pipeline: Pipeline,
-    mut rx: mpsc::Receiver<Delivery>,
+    rx: mpsc::Receiver<Delivery>,
     clients: Vec<Client>,
     policy: BatchPolicy,
     metrics: Arc<Metrics>,
@@ -267,6 +309,7 @@ pub async fn run_pipeline(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let origin = Instant::now();
+    let mut inbox = Inbox::new(rx);
     let mut batch: Vec<Delivery> = Vec::with_capacity(policy.max_messages);
     let mut retry_delay = Duration::from_millis(50);
     // Windows the last close left due (see `Pipeline::close_due`): closed without waiting.
@@ -284,14 +327,14 @@ pub async fn run_pipeline(
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return,
-                m = rx.recv() => match m {
+                m = inbox.recv() => match m {
                     Some(p) => batch.push(p),
                     None => return,
                 },
                 _ = tokio::time::sleep(tick) => {}
             }
             if !batch.is_empty() {
-                fill_batch(&mut rx, &mut batch, &policy, clients.len()).await;
+                fill_batch(&mut inbox, &mut batch, &policy, clients.len()).await;
             }
         }
 
@@ -409,12 +452,13 @@ mod tests {
     /// can end the batch early), delivered by two connections; `None` if it did not end within
     /// 10 s.
     async fn fill(queued: Vec<Delivery>, policy: BatchPolicy) -> Option<Vec<Delivery>> {
-        let (tx, mut rx) = mpsc::channel(queued.len() + 1);
+        let (tx, rx) = mpsc::channel(queued.len() + 1);
         for p in queued {
             assert!(tx.send(p).await.is_ok());
         }
-        let mut batch = vec![rx.recv().await.expect("a first message")];
-        let filled = fill_batch(&mut rx, &mut batch, &policy, 2);
+        let mut inbox = Inbox::new(rx);
+        let mut batch = vec![inbox.recv().await.expect("a first message")];
+        let filled = fill_batch(&mut inbox, &mut batch, &policy, 2);
         let done = tokio::time::timeout(Duration::from_secs(10), filled).await;
         drop(tx);
         done.ok().map(|()| batch)
@@ -462,6 +506,33 @@ mod tests {
             .expect("the batch ended at the in-flight limit");
         assert_eq!(batch.len(), 120);
         assert_eq!(qos1(&batch), 100);
+    }
+
+    #[tokio::test]
+    async fn what_a_batch_leaves_in_the_inbox_is_the_next_batch_in_order() {
+        // 250 messages, all taken from the channel at once; batches of 100 take them in order.
+        let (tx, rx) = mpsc::channel(300);
+        for pkid in 0..250u16 {
+            let mut d = publish(QoS::AtLeastOnce);
+            d.message.pkid = pkid;
+            assert!(tx.send(d).await.is_ok());
+        }
+        drop(tx);
+        let mut inbox = Inbox::new(rx);
+        let mut seen = Vec::new();
+        while let Some(first) = inbox.recv().await {
+            let mut batch = vec![first];
+            fill_batch(
+                &mut inbox,
+                &mut batch,
+                &policy(100, 0, Duration::from_secs(3600)),
+                1,
+            )
+            .await;
+            assert!(batch.len() <= 100);
+            seen.extend(batch.iter().map(|d| d.message.pkid));
+        }
+        assert_eq!(seen, (0..250).collect::<Vec<u16>>());
     }
 
     #[tokio::test]

@@ -1,13 +1,15 @@
 //! The agent's durable buffer: one SQLite file (WAL) holding the journal, the outbox, gap
 //! records, per-stream state and dead letters.
 //!
-//! - `journal`: every accepted reading, until its window closes. Keyed by `(time_ms, stream)`
-//!   (a `WITHOUT ROWID` table): a message the broker redelivers (after a reconnect or a restart,
-//!   before our ack reached it) is ignored instead of counted twice, and since readings arrive
-//!   roughly in time order, a group commit appends to the right edge of one B-tree instead of
-//!   touching a page per stream (18k readings/s with a `(stream, time_ms)` index over 1,000
-//!   streams; see `benches/store.rs` for today's figure). `arrival` keeps the arrival order, so
-//!   a rebuild replays readings exactly as they came. Empty when the journal is disabled
+//! - `journal_000` to `journal_063` (the journal, see [`journal`]): every accepted reading,
+//!   until its window closes, in the table of its slice of event time. Keyed by
+//!   `(time_ms, stream)` (`WITHOUT ROWID` tables): a message the broker redelivers (after a
+//!   reconnect or a restart, before our ack reached it) meets its first copy in the same table
+//!   and is ignored instead of counted twice, and since readings arrive roughly in time order,
+//!   a group commit appends to the right edge of a B-tree instead of touching a page per stream
+//!   (18k readings/s with a `(stream, time_ms)` index over 1,000 streams; see
+//!   `benches/store.rs` for today's figure). `arrival` keeps the arrival order, so a rebuild
+//!   replays readings exactly as they came. Empty when the journal is disabled
 //!   ([`StoreOptions::journal`] = false).
 //! - `outbox`: encoded summaries waiting for the cloud, with their size, alert flag, stream and
 //!   window (for eviction and drain order without decoding).
@@ -39,16 +41,20 @@
 //!   they are; they are dead from the commit that moved the release time: a rebuild skips them
 //!   ([`crate::window::Windows::add`] ignores readings before the release time) and a
 //!   redelivery of them is refused as late before it reaches the journal.
-//! - The journal rows a commit of closed windows releases are deleted at most
-//!   [`JOURNAL_DELETE_CHUNK`] at a time: that commit deletes the first chunk, and
+//! - The journal rows a commit of closed windows releases go a step at a time
+//!   ([`journal::Journal::release`]): mostly whole tables emptied at once, which SQLite does
+//!   without visiting the rows; row by row, [`journal::DELETE_CHUNK`] at a time, only in a table
+//!   that holds readings of two turns of its ring. That commit takes the first step, and
 //!   [`Store::delete_released_journal`] (called by the pipeline after every batch) the rest, one
-//!   chunk per call. All windows of a tumbling spec close together, so one close releases every
-//!   stream's readings of a whole window at once (two million rows at 100,000 messages/s with 10 s
-//!   windows): deleted in one go, that took the ingest loop away from the broker for seconds.
-//!   The rows are dead from the commit that released them (above), so deleting them later, or
-//!   after a restart (the next close deletes them again), changes nothing a rebuild sees. Each
-//!   later chunk deletes only up to the horizon of that moment: a stream that became active in
-//!   between may have journaled readings older than the last close's horizon.
+//!   step per call. All windows of a tumbling spec close together, so one close releases every
+//!   stream's readings of a whole window at once (two million rows at 100,000 messages/s with
+//!   10 s windows): deleted row by row in one go, that took the ingest loop away from the broker
+//!   for seconds, and in chunks it still cost a tenth of the agent's CPU. The rows are dead from
+//!   the commit that released them (above), so deleting them later (a table whose newest rows
+//!   are not released yet waits for them), or after a restart (the next close deletes them
+//!   again), changes nothing a rebuild sees. Each later step deletes only up to the horizon of
+//!   that moment: a stream that became active in between may have journaled readings older than
+//!   the last close's horizon.
 //! - Outbox and gap rows are deleted by [`Store::outbox_remove`] only after the receiver's 2xx;
 //!   a latest value is marked sent then, unless a newer one replaced it meanwhile.
 //!
@@ -80,6 +86,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, Transaction, params};
 use crate::config::{AgentConfig, DrainOrder, SyncMode};
 use crate::window::ClosedWindow;
 
+pub mod journal;
+use journal::Journal;
+
 /// Longest payload kept in a dead letter; the rest is cut off.
 pub const DEAD_LETTER_MAX_PAYLOAD: usize = 4096;
 
@@ -98,7 +107,7 @@ const GAPS_PER_BATCH: usize = 64;
 /// Latest values sent per batch at most.
 const LATEST_PER_BATCH: usize = 256;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -318,6 +327,8 @@ pub struct Store {
     opts: StoreOptions,
     /// `arrival` of the next journaled reading.
     next_arrival: i64,
+    /// The journal tables' row counts and time ranges.
+    journal: Journal,
     /// Rows in `latest_value`, tracked without a COUNT(*) per batch.
     latest_rows: u64,
     /// The last chunk deletion stopped short: released journal rows may be left to delete
@@ -396,34 +407,6 @@ fn write_transaction(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>>
     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
 }
 
-/// Most journal rows one transaction deletes (see the module docs): a few milliseconds of work,
-/// so the ingest loop never stalls on it, and far more than a batch inserts, so deletion keeps
-/// ahead of ingest.
-pub const JOURNAL_DELETE_CHUNK: i64 = 8192;
-
-/// Deletes the oldest journal rows before `before_ms`, at most about [`JOURNAL_DELETE_CHUNK`]
-/// (always whole milliseconds, so a millisecond holding more rows than a chunk still goes).
-/// Returns the rows deleted and whether any before `before_ms` are left.
-fn delete_journal_chunk(conn: &Connection, before_ms: i64) -> rusqlite::Result<(u64, bool)> {
-    // The time of the first row past a chunk, if there are more rows than that to delete.
-    let cutoff: Option<i64> = conn
-        .prepare_cached(
-            "SELECT time_ms FROM journal WHERE time_ms < ?1 ORDER BY time_ms LIMIT 1 OFFSET ?2",
-        )?
-        .query_row(params![before_ms, JOURNAL_DELETE_CHUNK], |r| r.get(0))
-        .optional()?;
-    let mut delete = conn.prepare_cached("DELETE FROM journal WHERE time_ms < ?1")?;
-    let Some(cutoff) = cutoff else {
-        return Ok((delete.execute(params![before_ms])? as u64, false));
-    };
-    let mut deleted = delete.execute(params![cutoff])?;
-    if deleted == 0 {
-        // The whole chunk shares one millisecond.
-        deleted = delete.execute(params![cutoff.saturating_add(1)])?;
-    }
-    Ok((deleted as u64, true))
-}
-
 impl Store {
     /// Opens (creating if needed) the database with default options (journal on, no cap).
     pub fn open(path: &Path, dead_letter_max_rows: u64) -> Result<Store, StoreError> {
@@ -453,6 +436,9 @@ impl Store {
         // After a checkpoint, truncate the WAL back to this size so it cannot grow forever.
         conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // Freed pages are not overwritten with zeros (some builds of SQLite do by default): an
+        // emptied journal table then costs a few pages of WAL instead of all of its own.
+        conn.pragma_update(None, "secure_delete", "OFF")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew(version));
@@ -557,35 +543,34 @@ impl Store {
         if version < 3 {
             // The journal keyed by time instead of stream (see the module docs); rows keep
             // their arrival order.
-            conn.execute_batch(
+            conn.execute_batch(&format!(
                 "BEGIN;
-                 CREATE TABLE journal_by_time (
-                     time_ms INTEGER NOT NULL,
-                     stream TEXT NOT NULL,
-                     arrival INTEGER NOT NULL,
-                     value REAL NOT NULL,
-                     unit TEXT,
-                     PRIMARY KEY (time_ms, stream)
-                 ) WITHOUT ROWID;
+                 {}
                  INSERT OR IGNORE INTO journal_by_time (time_ms, stream, arrival, value, unit)
                      SELECT time_ms, stream, id, value, unit FROM journal;
                  DROP TABLE journal;
                  ALTER TABLE journal_by_time RENAME TO journal;
                  PRAGMA user_version = 3;
                  COMMIT;",
-            )?;
+                journal::create_table_sql("journal_by_time")
+            ))?;
         }
-        let next_arrival: i64 = conn.query_row(
-            "SELECT COALESCE(MAX(arrival), 0) + 1 FROM journal",
-            [],
-            |r| r.get(0),
-        )?;
+        if version < 4 {
+            // The journal split by time into tables that are emptied whole (see `journal`).
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(&journal::create_tables_sql())?;
+            journal::migrate_single_table(&tx)?;
+            tx.execute_batch("PRAGMA user_version = 4;")?;
+            tx.commit()?;
+        }
+        let (journal, next_arrival) = Journal::load(&conn)?;
         let latest_rows: i64 =
             conn.query_row("SELECT COUNT(*) FROM latest_value", [], |r| r.get(0))?;
         let mut store = Store {
             conn,
             opts: opts.clone(),
             next_arrival,
+            journal,
             latest_rows: latest_rows.max(0) as u64,
             released_left: false,
             checkpointer: None,
@@ -717,18 +702,7 @@ impl Store {
     /// All journaled readings in arrival order: the open windows' contents, and possibly
     /// readings of closed windows not deleted yet, which the caller's windows refuse as late.
     pub fn journal_readings(&self) -> Result<Vec<Reading>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT stream, time_ms, value, unit FROM journal ORDER BY arrival")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(Reading {
-                stream: r.get(0)?,
-                time_ms: r.get(1)?,
-                value: r.get(2)?,
-                unit: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(Journal::readings(&self.conn)?)
     }
 
     /// Journals `readings`, records `dead` and keeps the newest of `latest` per stream, in one
@@ -750,19 +724,15 @@ impl Store {
                 return Ok(LatestOutcome::default());
             }
         }
-        let journal = self.opts.journal;
+        let journaled = self.opts.journal;
+        // Updated with the transaction, kept only once it committed.
+        let mut journal = self.journal.clone();
         let tx = write_transaction(&mut self.conn)?;
         {
-            if journal {
-                let mut ins = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO journal (time_ms, stream, arrival, value, unit)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for (i, r) in readings.enumerate() {
-                    let arrival = self.next_arrival + i as i64;
-                    let n = ins.execute(params![r.time_ms, r.stream, arrival, r.value, r.unit])?;
-                    inserted.push(n == 1);
-                }
+            if journaled {
+                let readings: Vec<ReadingView<'r>> = readings.collect();
+                inserted.resize(count, false);
+                journal.insert(&tx, &readings, self.next_arrival, inserted)?;
             }
             if !dead.is_empty() {
                 let mut dl = tx.prepare_cached(
@@ -779,8 +749,9 @@ impl Store {
         }
         let outcome = keep_latest(&tx, latest, self.latest_rows, self.opts.max_latest_streams)?;
         tx.commit()?;
-        if journal {
+        if journaled {
             self.next_arrival += count as i64;
+            self.journal = journal;
         }
         self.latest_rows += outcome.new_streams;
         Ok(outcome.counts)
@@ -848,13 +819,15 @@ impl Store {
                 }
             }
         }
+        let mut journal = self.journal.clone();
         let (journal_deleted, released_left) = if self.opts.journal {
-            delete_journal_chunk(&tx, journal_before_ms)?
+            journal.release(&tx, journal_before_ms)?
         } else {
             (0, false)
         };
         let outcome = enforce_cap(&tx, &self.opts, now_ms)?;
         tx.commit()?;
+        self.journal = journal;
         self.released_left = released_left;
         Ok(CloseOutcome {
             journal_deleted,
@@ -875,9 +848,11 @@ impl Store {
         if !self.released_left {
             return Ok(0);
         }
+        let mut journal = self.journal.clone();
         let tx = write_transaction(&mut self.conn)?;
-        let (deleted, left) = delete_journal_chunk(&tx, journal_before_ms)?;
+        let (deleted, left) = journal.release(&tx, journal_before_ms)?;
         tx.commit()?;
+        self.journal = journal;
         self.released_left = left;
         Ok(deleted)
     }
@@ -1117,10 +1092,7 @@ impl Store {
 
     /// Rows in the journal (readings of open windows, and of closed ones not deleted yet).
     pub fn journal_len(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM journal", [], |r| r.get::<_, i64>(0))?
-            as u64)
+        Ok(Journal::count(&self.conn)?)
     }
 
     /// The newest `limit` dead letters, newest first.
@@ -1442,7 +1414,7 @@ mod tests {
                      time_ms INTEGER NOT NULL, value REAL NOT NULL, unit TEXT,
                      UNIQUE (stream, time_ms));
                  INSERT INTO journal (stream, time_ms, value, unit) VALUES
-                     ('s', 20, 2.0, 'Cel'), ('t', 5, 3.0, NULL), ('s', 10, 1.0, 'Cel');
+                     ('s', 20000, 2.0, 'Cel'), ('t', 5, 3.0, NULL), ('s', 10000, 1.0, 'Cel');
                  CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,
                      summary_id BLOB NOT NULL UNIQUE, body BLOB NOT NULL);
                  CREATE TABLE stream_state (stream TEXT PRIMARY KEY,
@@ -1454,20 +1426,30 @@ mod tests {
             .unwrap();
         }
         let mut store = Store::open(&path, 10).unwrap();
-        let mut first = reading("s", 20, 2.0);
+        let mut first = reading("s", 20_000, 2.0);
         first.unit = Some("Cel".into());
-        let mut third = reading("s", 10, 1.0);
+        let mut third = reading("s", 10_000, 1.0);
         third.unit = Some("Cel".into());
         let second = reading("t", 5, 3.0);
+        // In arrival order, although each is in another of the journal's tables now.
         assert_eq!(
             store.journal_readings().unwrap(),
             vec![first, second, third]
         );
+        let old_table: i64 = store
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE name = 'journal'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old_table, 0);
         // New readings come after the migrated ones, and redeliveries are still refused.
         let mut ins = Vec::new();
         store
             .commit_ingest(
-                views(&[reading("s", 10, 1.0), reading("u", 1, 4.0)]),
+                views(&[reading("s", 10_000, 1.0), reading("u", 1, 4.0)]),
                 &[],
                 &[],
                 &mut ins,
@@ -1535,10 +1517,11 @@ mod tests {
                 .unwrap();
         }
         let store = Store::open(&path, 10).unwrap();
-        assert_eq!(
-            store.journal_readings().unwrap(),
-            vec![reading("s", 12, 9.0)]
-        );
+        // The closed window's readings share their journal table with the open one's, so they
+        // stay until it goes (see `journal`), released: the rebuilt windows below refuse them.
+        let journal = store.journal_readings().unwrap();
+        assert_eq!(journal.len(), 3);
+        assert_eq!(journal.last(), Some(&reading("s", 12, 9.0)));
         // closed_until is the watermark (max event time 12 - lateness 0).
         assert_eq!(store.closed_streams().unwrap(), vec![("s".to_string(), 12)]);
         let rows = store.outbox_peek(10).unwrap();
@@ -1552,35 +1535,87 @@ mod tests {
             w.restore_closed(&s, c);
         }
         assert_eq!(w.admit(reading("s", 9, 0.0).as_view()), Admission::Late);
+        for r in &journal[..2] {
+            assert_eq!(w.admit(r.as_view()), Admission::Late);
+        }
+        assert_eq!(w.admit(journal[2].as_view()), Admission::Open);
     }
 
+    /// One turn of the journal's ring of tables: readings this far apart share a table.
+    const TURN_MS: i64 = journal::SLICE_MS * journal::TABLES as i64;
+
     #[test]
-    fn released_journal_rows_are_deleted_a_chunk_at_a_time() {
+    fn released_rows_go_a_whole_table_at_a_time_and_a_table_partly_released_waits() {
         let (_dir, mut store) = open();
-        let chunk = JOURNAL_DELETE_CHUNK as usize;
-        // Two and a half chunks released by one close, spread over times 0..: three rows a
-        // millisecond, plus a whole chunk's worth in one millisecond (it still goes, whole).
-        let mut rs: Vec<Reading> = (0..chunk * 5 / 2)
-            .map(|i| reading(&format!("s{}", i % 3), (i / 3) as i64, 1.0))
+        // Three slices of time (tables 0, 1, 2), three streams a millisecond.
+        let rs: Vec<Reading> = (0..3 * journal::SLICE_MS)
+            .flat_map(|t| (0..3).map(move |s| reading(&format!("s{s}"), t, 1.0)))
             .collect();
-        let crowded = rs.len() as i64;
-        rs.extend((0..chunk + 5).map(|i| reading(&format!("c{i}"), crowded, 2.0)));
-        let kept = [reading("s0", 1_000_000, 3.0), reading("s1", 1_000_001, 4.0)];
-        rs.extend(kept.iter().cloned());
         let mut ins = Vec::new();
         store.commit_ingest(views(&rs), &[], &[], &mut ins).unwrap();
         let total = rs.len() as u64;
-        assert_eq!(store.journal_len().unwrap(), total);
+
+        // The horizon inside table 1: table 0 goes, table 1's released rows wait for the rest.
+        let horizon = journal::SLICE_MS + 10;
+        let outcome = store
+            .commit_closed(&[closed("s0", 0, false)], horizon, 0)
+            .unwrap();
+        assert_eq!(outcome.journal_deleted, total / 3);
+        assert!(!store.released_journal_left());
+        let left = store.journal_readings().unwrap();
+        assert_eq!(left.len() as u64, total * 2 / 3);
+        assert_eq!(left[0].time_ms, journal::SLICE_MS);
+
+        // Past both: they go in one step.
+        let outcome = store
+            .commit_closed(&[closed("s0", 10, false)], 3 * journal::SLICE_MS, 0)
+            .unwrap();
+        assert_eq!(outcome.journal_deleted, total * 2 / 3);
+        assert_eq!(store.journal_len().unwrap(), 0);
+        assert!(!store.released_journal_left());
+        // The emptied tables take rows again (and still refuse a copy).
+        store
+            .commit_ingest(views(&rs[..3]), &[], &[], &mut ins)
+            .unwrap();
+        store
+            .commit_ingest(views(&rs[..3]), &[], &[], &mut ins)
+            .unwrap();
+        assert_eq!(ins, vec![false; 3]);
+        assert_eq!(store.journal_len().unwrap(), 3);
+    }
+
+    /// Journals `n` readings in table 0 (spread over 4 s, plus a chunk's worth in one
+    /// millisecond), then two a turn of the ring later, in the same table; returns both.
+    fn two_turns(store: &mut Store, n: usize) -> (Vec<Reading>, Vec<Reading>) {
+        let chunk = journal::DELETE_CHUNK as usize;
+        let mut old: Vec<Reading> = (0..n)
+            .map(|i| reading(&format!("s{i}"), (i * 4_000 / n) as i64, 1.0))
+            .collect();
+        old.extend((0..chunk + 5).map(|i| reading(&format!("c{i}"), 4_500, 2.0)));
+        let later = vec![reading("s0", TURN_MS, 3.0), reading("s1", TURN_MS + 1, 4.0)];
+        let mut ins = Vec::new();
+        for rs in [&old, &later] {
+            store.commit_ingest(views(rs), &[], &[], &mut ins).unwrap();
+        }
+        (old, later)
+    }
+
+    #[test]
+    fn a_table_holding_two_turns_of_the_ring_is_cleaned_a_chunk_at_a_time() {
+        let (_dir, mut store) = open();
+        let chunk = journal::DELETE_CHUNK as usize;
+        let (old, later) = two_turns(&mut store, chunk * 5 / 2);
+        assert_eq!(store.journal_len().unwrap(), (old.len() + 2) as u64);
 
         let first = store
-            .commit_closed(&[closed("s0", 0, false)], 1_000_000, 0)
+            .commit_closed(&[closed("s0", 0, false)], TURN_MS, 0)
             .unwrap()
             .journal_deleted;
-        assert!(first > 0 && first <= JOURNAL_DELETE_CHUNK as u64, "{first}");
+        assert!(first > 0 && first <= chunk as u64, "{first}");
         let mut deleted = first;
         let mut calls = 0;
         loop {
-            let n = store.delete_released_journal(1_000_000).unwrap();
+            let n = store.delete_released_journal(TURN_MS).unwrap();
             if n == 0 {
                 break;
             }
@@ -1590,10 +1625,35 @@ mod tests {
             calls += 1;
         }
         assert!(calls >= 2, "{calls} calls");
-        assert_eq!(deleted, total - 2);
-        assert_eq!(store.journal_readings().unwrap(), kept.to_vec());
+        assert_eq!(deleted, old.len() as u64);
+        assert_eq!(store.journal_readings().unwrap(), later);
         // Nothing left: no work, and a later close releases nothing more.
-        assert_eq!(store.delete_released_journal(1_000_000).unwrap(), 0);
+        assert!(!store.released_journal_left());
+        assert_eq!(store.delete_released_journal(TURN_MS).unwrap(), 0);
+    }
+
+    #[test]
+    fn reopening_finds_the_tables_rows_and_releases_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let (old, _) = two_turns(&mut Store::open(&path, 10).unwrap(), 100);
+        let mut store = Store::open(&path, 10).unwrap();
+        // Arrival numbers go on after the rows already there.
+        let mut ins = Vec::new();
+        let next = [reading("s2", TURN_MS + 2, 5.0)];
+        store
+            .commit_ingest(views(&next), &[], &[], &mut ins)
+            .unwrap();
+        assert_eq!(store.journal_readings().unwrap().last(), next.last());
+        let mut deleted = store
+            .commit_closed(&[closed("s0", 0, false)], TURN_MS, 0)
+            .unwrap()
+            .journal_deleted;
+        while store.released_journal_left() {
+            deleted += store.delete_released_journal(TURN_MS).unwrap();
+        }
+        assert_eq!(deleted, old.len() as u64);
+        assert_eq!(store.journal_len().unwrap(), 3);
     }
 
     /// The uploader's connection writes (deletes sent rows) while the ingest thread deletes
@@ -1603,14 +1663,9 @@ mod tests {
     #[test]
     fn deleting_released_rows_waits_for_another_connections_commit() {
         let (dir, mut store) = open();
-        let chunk = JOURNAL_DELETE_CHUNK as usize;
-        let rs: Vec<Reading> = (0..chunk * 3)
-            .map(|i| reading(&format!("s{}", i % 4), i as i64, 1.0))
-            .collect();
-        let mut ins = Vec::new();
-        store.commit_ingest(views(&rs), &[], &[], &mut ins).unwrap();
+        two_turns(&mut store, journal::DELETE_CHUNK as usize * 3);
         store
-            .commit_closed(&[closed("s0", 0, false)], i64::MAX, 0)
+            .commit_closed(&[closed("s0", 0, false)], TURN_MS, 0)
             .unwrap();
         assert!(store.released_journal_left());
 
@@ -1630,7 +1685,7 @@ mod tests {
         });
         release.recv().unwrap();
         let started = std::time::Instant::now();
-        let deleted = store.delete_released_journal(i64::MAX);
+        let deleted = store.delete_released_journal(TURN_MS);
         writer.join().unwrap();
         assert!(deleted.is_ok(), "{deleted:?}");
         assert!(deleted.unwrap() > 0);
@@ -1641,16 +1696,10 @@ mod tests {
     #[test]
     fn a_later_chunk_keeps_the_readings_of_a_stream_that_became_active_since_the_close() {
         let (_dir, mut store) = open();
-        let chunk = JOURNAL_DELETE_CHUNK as usize;
+        two_turns(&mut store, journal::DELETE_CHUNK as usize * 2);
         let mut ins = Vec::new();
-        let old: Vec<Reading> = (0..chunk * 2)
-            .map(|i| reading("s", 1_000 + i as i64, 1.0))
-            .collect();
         store
-            .commit_ingest(views(&old), &[], &[], &mut ins)
-            .unwrap();
-        store
-            .commit_closed(&[closed("s", 0, false)], 100_000, 0)
+            .commit_closed(&[closed("s", 0, false)], TURN_MS, 0)
             .unwrap();
         assert!(store.released_journal_left());
         // A new stream's readings from before that horizon: its open window needs them, so the
@@ -1667,6 +1716,14 @@ mod tests {
             .filter(|r| r.stream == "new")
             .collect();
         assert_eq!(kept, late.to_vec());
+        // Only rows before 500 went.
+        assert!(
+            store
+                .journal_readings()
+                .unwrap()
+                .iter()
+                .all(|r| r.time_ms >= 500)
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use edgewise_agent::config::{AgentConfig, SyncMode};
 use edgewise_agent::metrics::Metrics;
 use edgewise_agent::pipeline::{Message, Pipeline};
-use edgewise_agent::store::{Store, StoreOptions};
+use edgewise_agent::store::{Store, StoreOptions, journal};
 use edgewise_agent::sync::Uploader;
 use edgewise_agent::window::ClosedWindow;
 use edgewise_protocol::senml::{Record, encode_pack};
@@ -160,12 +160,8 @@ fn baseline_releases(dir: &Path, rs: &[Reading]) -> (f64, u64) {
         .expect("wal");
     conn.pragma_update(None, "synchronous", "NORMAL")
         .expect("sync");
-    conn.execute_batch(
-        "CREATE TABLE journal (time_ms INTEGER NOT NULL, stream TEXT NOT NULL,
-             arrival INTEGER NOT NULL, value REAL NOT NULL, unit TEXT,
-             PRIMARY KEY (time_ms, stream)) WITHOUT ROWID",
-    )
-    .expect("create");
+    conn.execute_batch(&journal::create_table_sql("journal"))
+        .expect("create");
     let step = |conn: &rusqlite::Connection, before: i64| -> bool {
         let cutoff: Option<i64> = conn
             .prepare_cached(

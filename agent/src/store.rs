@@ -1090,7 +1090,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Rows in the journal (readings of open windows, and of closed ones not deleted yet).
+    /// Rows in the journal (readings of open windows, and of closed ones not deleted yet), as
+    /// the store counts them in memory: no query.
+    pub fn journal_rows(&self) -> u64 {
+        self.journal.rows()
+    }
+
+    /// [`Store::journal_rows`], counted by SQLite (tests, benchmarks).
     pub fn journal_len(&self) -> Result<u64, StoreError> {
         Ok(Journal::count(&self.conn)?)
     }

@@ -262,13 +262,13 @@ impl Journal {
     }
 
     /// Whether [`Journal::release`] has anything to do for `before_ms`.
-    pub fn work_left(&self, before_ms: i64) -> bool {
+    fn work_left(&self, before_ms: i64) -> bool {
         self.spans
             .iter()
             .any(|s| s.all_before(before_ms) || s.mixed_before(before_ms))
     }
 
-    /// Rows in all tables, counted by SQLite (tests, `/healthz`).
+    /// Rows in all tables, counted by SQLite.
     pub fn count(conn: &Connection) -> rusqlite::Result<u64> {
         let mut rows = 0u64;
         for t in SQL.iter() {

@@ -219,7 +219,7 @@ impl BatchPolicy {
 /// ([`mpsc::Receiver::recv_many`]): one call frees the senders' slots together and wakes a waiting connection task once, where
 /// taking messages one at a time woke it (a thread hop) for every message while the channel was
 /// full. What a batch does not take stays staged, in order, for the next one.
-pub struct Inbox {
+struct Inbox {
     rx: mpsc::Receiver<Delivery>,
     staged: std::collections::VecDeque<Delivery>,
     scratch: Vec<Delivery>,
@@ -229,7 +229,7 @@ pub struct Inbox {
 const TAKE_AT_ONCE: usize = 1024;
 
 impl Inbox {
-    pub fn new(rx: mpsc::Receiver<Delivery>) -> Self {
+    fn new(rx: mpsc::Receiver<Delivery>) -> Self {
         Inbox {
             rx,
             staged: std::collections::VecDeque::new(),
@@ -238,7 +238,7 @@ impl Inbox {
     }
 
     /// The next message, waiting for one; `None` once the channel is closed and drained.
-    pub async fn recv(&mut self) -> Option<Delivery> {
+    async fn recv(&mut self) -> Option<Delivery> {
         if self.staged.is_empty() {
             self.take().await?;
         }

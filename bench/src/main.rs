@@ -259,19 +259,20 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
     let mut brokers = Vec::new();
     let mut _mosquitto = None;
     for name in &args.brokers {
-        let addr = if name == "mosquitto" {
+        let (addr, pid) = if name == "mosquitto" {
             let mdir = dir.join("mosquitto");
             std::fs::create_dir_all(&mdir).context("creating the Mosquitto directory")?;
             let m = Mosquitto::start(&mdir, &args.mosquitto_config, &args.mosquitto_option)?;
-            let addr = m.addr;
+            let (addr, pid) = (m.addr, m.pid());
             _mosquitto = Some(m);
-            addr
+            (addr, Some(pid))
         } else {
-            edgewise_agent::broker::EmbeddedBroker::start(([127, 0, 0, 1], 0).into(), 1 << 20)
-                .context("starting the embedded broker")?
-                .addr
+            let embedded =
+                edgewise_agent::broker::EmbeddedBroker::start(([127, 0, 0, 1], 0).into(), 1 << 20)
+                    .context("starting the embedded broker")?;
+            (embedded.addr, None)
         };
-        brokers.push((name.clone(), addr));
+        brokers.push((name.clone(), addr, pid));
     }
 
     let (typical, worst) = expected_seconds(args);
@@ -294,14 +295,14 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
         env.cloud_addr,
         dir.display()
     );
-    for (name, addr) in &brokers {
+    for (name, addr, _) in &brokers {
         println!("broker {name} on {addr}");
     }
 
     let started = std::time::Instant::now();
     let mut cases = Vec::new();
     let mut seq = 0;
-    for (name, addr) in &brokers {
+    for (name, addr, pid) in &brokers {
         for &qos in &args.qos {
             for &sensors in &args.sensors {
                 println!("\n== {name}, QoS {qos}, {sensors} sensors ==");
@@ -309,6 +310,7 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
                 let base = Step {
                     broker_name: name.clone(),
                     broker: *addr,
+                    broker_pid: *pid,
                     consumer: ConsumerKind::Subscriber,
                     qos,
                     sensors,

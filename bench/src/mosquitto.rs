@@ -65,6 +65,11 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
+    /// The broker's process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Writes the private config into `dir` and starts `mosquitto -c` on it, waiting (10 s at
     /// most) until it accepts connections.
     pub fn start(dir: &Path, machine_config: &Path, extra: &[String]) -> anyhow::Result<Mosquitto> {

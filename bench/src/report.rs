@@ -47,12 +47,47 @@ pub struct StepResult {
     /// Agent only: CPU seconds while publishing, as cores (CPU seconds / step seconds).
     pub cpu_seconds: Option<f64>,
     pub cpu_cores: Option<f64>,
+    /// Where the machine's CPU went while publishing.
+    #[serde(flatten)]
+    pub machine: MachineCpu,
     /// Agent only: its resident memory (JSON: the fields of [`Memory`], absent for a subscriber).
     #[serde(flatten)]
     pub memory: Option<Memory>,
     pub sustained: bool,
     /// Why the step failed, or `ok`.
     pub verdict: String,
+}
+
+/// The whole machine's CPU while a step published, in cores (CPU seconds / step seconds): every
+/// part of a run shares the machine, so a consumer that needs more than the cores left beside
+/// the publisher and the broker slows the publisher down ("publisher behind") rather than
+/// losing messages itself.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct MachineCpu {
+    /// Busy cores of all processes: the machine's cores less its idle time
+    /// ([`crate::procfs::MachineTicks`]).
+    pub machine_busy_cores: f64,
+    /// The machine's cores.
+    pub machine_cores: f64,
+    /// The Mosquitto process; absent for the embedded broker, which runs in the harness.
+    pub broker_cores: Option<f64>,
+    /// The harness's own process: the simulated sensors (the publisher), the counting
+    /// subscriber when it is the consumer, the receiver, and the embedded broker when it is the
+    /// broker.
+    pub harness_cores: f64,
+}
+
+impl MachineCpu {
+    /// `machine 1.96/2.00 busy (broker 0.62, harness 0.91)`.
+    fn line(&self) -> String {
+        let broker = self
+            .broker_cores
+            .map_or_else(String::new, |b| format!("broker {b:.2}, "));
+        format!(
+            "machine {:.2}/{:.2} busy ({broker}harness {:.2})",
+            self.machine_busy_cores, self.machine_cores, self.harness_cores
+        )
+    }
 }
 
 /// A process's resident memory, in MiB: its peak (`VmHWM`), and what was resident when read,
@@ -137,7 +172,7 @@ fn rss(s: &StepResult) -> String {
 /// One line per step, as the run goes.
 pub fn step_line(s: &StepResult) -> String {
     format!(
-        "  {:<10} {:<7} target {:>8.0}/s achieved {:>8.0}/s received {:>9}/{:<9} catch-up {:>6} cpu {:>5} cores rss {}  {}",
+        "  {:<10} {:<7} target {:>8.0}/s achieved {:>8.0}/s received {:>9}/{:<9} catch-up {:>6} cpu {:>5} cores rss {}  {}  {}",
         format!("{:?}", s.consumer).to_lowercase(),
         s.phase,
         s.target_rate,
@@ -148,6 +183,7 @@ pub fn step_line(s: &StepResult) -> String {
             .map_or_else(|| "never".into(), |ms| format!("{ms}ms")),
         opt(s.cpu_cores, 2),
         rss(s),
+        s.machine.line(),
         s.verdict
     )
 }
@@ -208,6 +244,12 @@ mod tests {
             windows_scored: None,
             cpu_seconds: Some(6.0),
             cpu_cores: Some(0.2),
+            machine: MachineCpu {
+                machine_busy_cores: 1.5,
+                machine_cores: 2.0,
+                broker_cores: Some(0.25),
+                harness_cores: 1.0,
+            },
             memory: Some(Memory {
                 peak_rss_mib: 9.5,
                 rss_file_mib: 6.0,
@@ -234,17 +276,25 @@ mod tests {
         assert!((c.ratio.unwrap() - 0.9).abs() < 1e-9);
         let line = step_line(c.agent.as_ref().unwrap());
         assert!(
-            line.contains("rss    9.5 MiB (file 6.0, anon 3.0)"),
+            line.contains(
+                "rss    9.5 MiB (file 6.0, anon 3.0)  machine 1.50/2.00 busy (broker 0.25, harness 1.00)"
+            ),
             "{line}"
         );
         let mut counter = step(Subscriber, "confirm", 20_000.0, true);
         counter.memory = None;
+        counter.machine.broker_cores = None;
         let line = step_line(&counter);
-        assert!(line.contains("rss      -  ok"), "{line}");
+        assert!(
+            line.contains("rss      -  machine 1.50/2.00 busy (harness 1.00)  ok"),
+            "{line}"
+        );
         // The JSON keeps flat keys (`.ci/bench.sh` reads `.agent.peak_rss_mib`).
         let json = serde_json::to_value(c.agent.as_ref().unwrap()).unwrap();
         assert_eq!(json["peak_rss_mib"], 9.5);
         assert_eq!(json["rss_anon_mib"], 3.0);
+        assert_eq!(json["machine_busy_cores"], 1.5);
+        assert_eq!(json["broker_cores"], 0.25);
         let json = serde_json::to_value(&counter).unwrap();
         assert!(json.get("peak_rss_mib").is_none(), "{json}");
         let t = table(&[c]);

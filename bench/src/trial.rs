@@ -25,8 +25,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::procfs::ProcessUsage;
-use crate::report::{ConsumerKind, Memory, StepResult};
+use crate::procfs::{MachineTicks, ProcessUsage, cpu_seconds};
+use crate::report::{ConsumerKind, MachineCpu, Memory, StepResult};
 use crate::search::sim_interval;
 
 /// Settings shared by every step of a run.
@@ -58,6 +58,8 @@ pub struct Env {
 pub struct Step {
     pub broker_name: String,
     pub broker: SocketAddr,
+    /// The broker's process when it is not the harness itself (Mosquitto), for its CPU time.
+    pub broker_pid: Option<u32>,
     pub consumer: ConsumerKind,
     pub qos: u8,
     pub sensors: usize,
@@ -107,9 +109,11 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
     let counters = sim.counters();
 
     let before = consumer.usage(env)?;
+    let machine_before = MachineSnapshot::read(env, step)?;
     let sim_result = sim
         .run(tokio::time::sleep(Duration::from_secs(step.seconds)))
         .await;
+    let machine = MachineSnapshot::read(env, step)?.since(&machine_before);
     let during = consumer.usage(env)?;
     let published_at = Instant::now();
     let report = counters.snapshot();
@@ -155,6 +159,7 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         windows_scored: None,
         cpu_seconds: None,
         cpu_cores: None,
+        machine,
         memory: None,
         sustained: false,
         verdict: String::new(),
@@ -232,6 +237,52 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         problems.join("; ")
     };
     Ok(result)
+}
+
+/// The CPU times behind [`MachineCpu`], at one moment.
+struct MachineSnapshot {
+    at: Instant,
+    ticks_per_second: u64,
+    machine: MachineTicks,
+    broker: Option<f64>,
+    harness: f64,
+}
+
+impl MachineSnapshot {
+    fn read(env: &Env, step: &Step) -> anyhow::Result<MachineSnapshot> {
+        let tps = env.ticks_per_second;
+        Ok(MachineSnapshot {
+            at: Instant::now(),
+            ticks_per_second: tps,
+            machine: MachineTicks::read()?,
+            broker: step
+                .broker_pid
+                .map(|pid| cpu_seconds(pid, tps))
+                .transpose()
+                .context("the broker's CPU time")?,
+            harness: cpu_seconds(std::process::id(), tps)?,
+        })
+    }
+
+    /// What was used from `earlier` to this snapshot, in cores (CPU seconds per second between
+    /// the two).
+    fn since(&self, earlier: &MachineSnapshot) -> MachineCpu {
+        let seconds = (self.at - earlier.at).as_secs_f64().max(f64::MIN_POSITIVE);
+        let cores = |now: u64, then: u64| {
+            now.saturating_sub(then) as f64 / self.ticks_per_second.max(1) as f64 / seconds
+        };
+        let machine_cores = self.machine.cpus as f64;
+        MachineCpu {
+            machine_busy_cores: (machine_cores - cores(self.machine.idle, earlier.machine.idle))
+                .max(0.0),
+            machine_cores,
+            broker_cores: self
+                .broker
+                .zip(earlier.broker)
+                .map(|(now, then)| (now - then) / seconds),
+            harness_cores: (self.harness - earlier.harness) / seconds,
+        }
+    }
 }
 
 enum Consumer {
@@ -691,5 +742,28 @@ mod tests {
             r.into_iter().collect::<Vec<_>>(),
             [("range".to_string(), 3)]
         );
+    }
+
+    #[test]
+    fn the_machines_busy_cores_are_its_cores_less_its_idle_time() {
+        let t0 = Instant::now();
+        let snapshot = |secs: u64, idle: u64, broker: Option<f64>, harness: f64| MachineSnapshot {
+            at: t0 + Duration::from_secs(secs),
+            ticks_per_second: 100,
+            machine: MachineTicks { idle, cpus: 2 },
+            broker,
+            harness,
+        };
+        // 10 s apart: 500 idle ticks (5 CPU seconds) of 20 CPU seconds, so 1.5 cores busy.
+        let cpu = snapshot(10, 1_500, Some(4.0), 7.0).since(&snapshot(0, 1_000, Some(1.0), 2.0));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(cpu.machine_busy_cores, 1.5), "{cpu:?}");
+        assert!(close(cpu.machine_cores, 2.0), "{cpu:?}");
+        assert!(close(cpu.broker_cores.unwrap_or(-1.0), 0.3), "{cpu:?}");
+        assert!(close(cpu.harness_cores, 0.5), "{cpu:?}");
+        // The embedded broker has no process of its own.
+        let cpu = snapshot(10, 1_000, None, 7.0).since(&snapshot(0, 1_000, None, 2.0));
+        assert_eq!(cpu.broker_cores, None);
+        assert!(close(cpu.machine_busy_cores, 2.0), "{cpu:?}");
     }
 }

@@ -55,7 +55,8 @@ struct Args {
     /// MQTT connections the simulated sensors share.
     #[arg(long, default_value_t = 8)]
     connections: usize,
-    /// How long after publishing stops the consumer may take to have every message.
+    /// How long after publishing stops the consumer may take to have every message (at most a
+    /// fifteenth of the step, at least 500 ms: 500 ms after a 5 s probe).
     #[arg(long, default_value_t = 2_000)]
     grace_ms: u64,
     /// The Mosquitto config to copy.

@@ -3,8 +3,9 @@
 //! rate for a fixed time, then the accounting.
 //!
 //! A step is *sustained* when the publisher really produced its rate (at least 95%), the
-//! consumer had every published message within the grace period after publishing stopped (so it
-//! kept up, rather than catching up from the broker's queue afterwards), nothing arrived twice,
+//! consumer had every published message within the grace period after publishing stopped
+//! ([`step_grace`]: so it kept up, rather than catching up from the broker's queue afterwards),
+//! nothing arrived twice,
 //! and, for the agent, the receiver holds summaries counting exactly the published readings,
 //! one per window. Each step uses its own topic prefix, agent id and database, so steps never
 //! see each other's messages.
@@ -122,7 +123,8 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
     // Did the consumer have everything within the grace period?
     let mut catch_up_ms = None;
     let mut received = consumer.received().await?;
-    let deadline = published_at + env.grace;
+    let grace = step_grace(env.grace, step.seconds);
+    let deadline = published_at + grace;
     loop {
         if received >= report.messages_published {
             catch_up_ms = Some(published_at.elapsed().as_millis() as u64);
@@ -184,7 +186,7 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         problems.push(format!(
             "{} messages missing after {} ms",
             report.messages_published - received,
-            env.grace.as_millis()
+            grace.as_millis()
         ));
     }
 
@@ -238,6 +240,20 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
     };
     Ok(result)
 }
+
+/// How long after publishing a step's consumer may take to have every message: `grace` (2 s by
+/// default), but at most a fifteenth of the step (2 s of a 30 s step) and no less than 500 ms
+/// (a 5 s probe; the simulator's own connections take up to about 70 ms to drain).
+/// A consumer that falls behind by a fixed share of the rate builds a backlog in proportion to
+/// the step's length: with a fixed 2 s and Mosquitto's queue raised (`max_queued_messages
+/// 1000000`), 5 s probes ended up to 2 s behind and passed rates that every 30 s step failed.
+pub fn step_grace(grace: Duration, step_seconds: u64) -> Duration {
+    let share = Duration::from_secs(step_seconds) / 15;
+    grace.min(share.max(MIN_GRACE))
+}
+
+/// The least grace [`step_grace`] gives.
+const MIN_GRACE: Duration = Duration::from_millis(500);
 
 /// The CPU times behind [`MachineCpu`], at one moment.
 struct MachineSnapshot {
@@ -741,6 +757,20 @@ mod tests {
         assert_eq!(
             r.into_iter().collect::<Vec<_>>(),
             [("range".to_string(), 3)]
+        );
+    }
+
+    #[test]
+    fn the_grace_is_at_most_a_fifteenth_of_the_step() {
+        let two = Duration::from_secs(2);
+        assert_eq!(step_grace(two, 30), two);
+        assert_eq!(step_grace(two, 60), two);
+        assert_eq!(step_grace(two, 15), Duration::from_secs(1));
+        assert_eq!(step_grace(two, 5), Duration::from_millis(500));
+        assert_eq!(step_grace(two, 1), Duration::from_millis(500));
+        assert_eq!(
+            step_grace(Duration::from_millis(100), 5),
+            Duration::from_millis(100)
         );
     }
 

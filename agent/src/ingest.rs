@@ -367,10 +367,10 @@ pub async fn run_pipeline(
                 );
             }
             drop(msgs);
-            (pipeline, batch, committed, closed)
+            (pipeline, batch, committed, closed, took)
         })
         .await;
-        let (p, b, committed, closed) = match joined {
+        let (p, b, committed, closed, took) = match joined {
             Ok(done) => done,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // The runtime is shutting down; nothing was acked for this batch.
@@ -378,6 +378,9 @@ pub async fn run_pipeline(
         };
         pipeline = p;
         batch = b;
+        metrics
+            .ingest_busy_us
+            .add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX));
         closing_pending = pipeline.closing_pending();
 
         match committed {

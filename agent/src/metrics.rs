@@ -191,6 +191,10 @@ pub struct Metrics {
     /// Streams whose contract state (deadband, rate) was forgotten to bound memory.
     pub contract_state_evictions: Gauge,
     pub journal_commits: Counter,
+    /// Microseconds the ingest loop spent in its steps (decode, contracts, the journal's
+    /// transaction, windows, closes), which run one batch at a time: its increase per second
+    /// is how busy that chain is (1,000,000: always).
+    pub ingest_busy_us: Counter,
     pub store_errors: Counter,
     pub acks_sent: Counter,
     pub windows_closed: Counter,
@@ -276,6 +280,11 @@ impl Metrics {
             "journal_commits_total",
             "Journal transactions committed.",
             self.journal_commits.get(),
+        );
+        counter(
+            "ingest_busy_microseconds_total",
+            "Time the ingest loop spent in its steps (decode, contracts, journal, windows), which run one batch at a time.",
+            self.ingest_busy_us.get(),
         );
         counter(
             "store_errors_total",

@@ -275,6 +275,8 @@ async fn interrupted_mid_window(
         Interruption::CleanStop => {
             let n = first.len() as u64;
             wait_until(10, "the first half acked", || m.acks_sent.get() == n).await;
+            // The ingest loop's steps were timed.
+            assert!(m.ingest_busy_us.get() > 0);
             agent.stop().await;
         }
         Interruption::Crash => {

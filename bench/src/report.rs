@@ -47,6 +47,9 @@ pub struct StepResult {
     /// Agent only: CPU seconds while publishing, as cores (CPU seconds / step seconds).
     pub cpu_seconds: Option<f64>,
     pub cpu_cores: Option<f64>,
+    /// Agent only: the share of the step its ingest loop spent in its steps, one batch at a
+    /// time (`edgewise_agent_ingest_busy_microseconds_total`): near 1, that chain is the limit.
+    pub ingest_busy: Option<f64>,
     /// Where the machine's CPU went while publishing.
     #[serde(flatten)]
     pub machine: MachineCpu,
@@ -172,7 +175,7 @@ fn rss(s: &StepResult) -> String {
 /// One line per step, as the run goes.
 pub fn step_line(s: &StepResult) -> String {
     format!(
-        "  {:<10} {:<7} target {:>8.0}/s achieved {:>8.0}/s received {:>9}/{:<9} catch-up {:>6} cpu {:>5} cores rss {}  {}  {}",
+        "  {:<10} {:<7} target {:>8.0}/s achieved {:>8.0}/s received {:>9}/{:<9} catch-up {:>6} cpu {:>5} cores{} rss {}  {}  {}",
         format!("{:?}", s.consumer).to_lowercase(),
         s.phase,
         s.target_rate,
@@ -182,6 +185,10 @@ pub fn step_line(s: &StepResult) -> String {
         s.catch_up_ms
             .map_or_else(|| "never".into(), |ms| format!("{ms}ms")),
         opt(s.cpu_cores, 2),
+        s.ingest_busy.map_or_else(String::new, |b| format!(
+            " (ingest loop {:.0}% busy)",
+            b * 100.0
+        )),
         rss(s),
         s.machine.line(),
         s.verdict
@@ -244,6 +251,7 @@ mod tests {
             windows_scored: None,
             cpu_seconds: Some(6.0),
             cpu_cores: Some(0.2),
+            ingest_busy: Some(0.25),
             machine: MachineCpu {
                 machine_busy_cores: 1.5,
                 machine_cores: 2.0,
@@ -277,13 +285,14 @@ mod tests {
         let line = step_line(c.agent.as_ref().unwrap());
         assert!(
             line.contains(
-                "rss    9.5 MiB (file 6.0, anon 3.0)  machine 1.50/2.00 busy (broker 0.25, harness 1.00)"
+                "cpu  0.20 cores (ingest loop 25% busy) rss    9.5 MiB (file 6.0, anon 3.0)  machine 1.50/2.00 busy (broker 0.25, harness 1.00)"
             ),
             "{line}"
         );
         let mut counter = step(Subscriber, "confirm", 20_000.0, true);
         counter.memory = None;
         counter.machine.broker_cores = None;
+        counter.ingest_busy = None;
         let line = step_line(&counter);
         assert!(
             line.contains("rss      -  machine 1.50/2.00 busy (harness 1.00)  ok"),

@@ -110,11 +110,13 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
     let counters = sim.counters();
 
     let before = consumer.usage(env)?;
+    let busy_before = consumer.ingest_busy_seconds().await?;
     let machine_before = MachineSnapshot::read(env, step)?;
     let sim_result = sim
         .run(tokio::time::sleep(Duration::from_secs(step.seconds)))
         .await;
     let machine = MachineSnapshot::read(env, step)?.since(&machine_before);
+    let busy_after = consumer.ingest_busy_seconds().await?;
     let during = consumer.usage(env)?;
     let published_at = Instant::now();
     let report = counters.snapshot();
@@ -161,6 +163,9 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         windows_scored: None,
         cpu_seconds: None,
         cpu_cores: None,
+        ingest_busy: busy_after
+            .zip(busy_before)
+            .map(|(after, before)| (after - before) / step.seconds as f64),
         machine,
         memory: None,
         sustained: false,
@@ -313,6 +318,20 @@ impl Consumer {
             Consumer::Agent(a) => Ok(metric(
                 &a.metrics().await?,
                 "edgewise_agent_messages_received_total",
+            )),
+        }
+    }
+
+    /// The agent's `ingest_busy_microseconds_total`, in seconds (none for a subscriber).
+    async fn ingest_busy_seconds(&self) -> anyhow::Result<Option<f64>> {
+        match self {
+            Consumer::Subscriber(_) => Ok(None),
+            Consumer::Agent(a) => Ok(Some(
+                metric(
+                    &a.metrics().await?,
+                    "edgewise_agent_ingest_busy_microseconds_total",
+                ) as f64
+                    / 1e6,
             )),
         }
     }

@@ -61,10 +61,9 @@ pub struct StepResult {
     pub verdict: String,
 }
 
-/// The whole machine's CPU while a step published, in cores (CPU seconds / step seconds): every
-/// part of a run shares the machine, so a consumer that needs more than the cores left beside
-/// the publisher and the broker slows the publisher down ("publisher behind") rather than
-/// losing messages itself.
+/// The whole machine's CPU while a step published, in cores (CPU seconds per second): every
+/// part of a run shares the machine, so a consumer has the cores the publisher and the broker
+/// leave; one that wants more slows them down ("publisher behind") or falls behind itself.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct MachineCpu {
     /// Busy cores of all processes: the machine's cores less its idle time
@@ -81,7 +80,7 @@ pub struct MachineCpu {
 }
 
 impl MachineCpu {
-    /// `machine 1.96/2.00 busy (broker 0.62, harness 0.91)`.
+    /// `machine 1.35/2.00 busy (broker 0.81, harness 0.53)`.
     fn line(&self) -> String {
         let broker = self
             .broker_cores

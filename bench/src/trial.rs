@@ -5,9 +5,8 @@
 //! A step is *sustained* when the publisher really produced its rate (at least 95%), the
 //! consumer had every published message within the grace period after publishing stopped
 //! ([`step_grace`]: so it kept up, rather than catching up from the broker's queue afterwards),
-//! nothing arrived twice,
-//! and, for the agent, the receiver holds summaries counting exactly the published readings,
-//! one per window. Each step uses its own topic prefix, agent id and database, so steps never
+//! nothing arrived twice, and, for the agent, the receiver holds summaries counting exactly the
+//! published readings, one per window. Each step uses its own topic prefix, agent id and database, so steps never
 //! see each other's messages.
 
 use std::collections::{BTreeMap, HashMap};

@@ -32,15 +32,8 @@ pub enum ProcError {
 impl ProcessUsage {
     /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`; `ticks_per_second` is `CLK_TCK`.
     pub fn read(pid: u32, ticks_per_second: u64) -> Result<ProcessUsage, ProcError> {
-        let stat = PathBuf::from(format!("/proc/{pid}/stat"));
+        let cpu_seconds = cpu_seconds(pid, ticks_per_second)?;
         let status = PathBuf::from(format!("/proc/{pid}/status"));
-        let read = |path: &PathBuf| {
-            std::fs::read_to_string(path).map_err(|source| ProcError::Read {
-                path: path.clone(),
-                source,
-            })
-        };
-        let ticks = parse_cpu_ticks(&read(&stat)?).ok_or(ProcError::Format { path: stat })?;
         let text = read(&status)?;
         let kib = |key: &str| {
             status_kib(&text, key).ok_or(ProcError::Format {
@@ -48,7 +41,7 @@ impl ProcessUsage {
             })
         };
         Ok(ProcessUsage {
-            cpu_seconds: ticks as f64 / ticks_per_second.max(1) as f64,
+            cpu_seconds,
             peak_rss_kib: kib("VmHWM")?,
             rss_file_kib: kib("RssFile")?,
             rss_anon_kib: kib("RssAnon")?,
@@ -81,12 +74,16 @@ pub fn status_kib(status: &str, key: &str) -> Option<u64> {
 /// alone: for processes whose memory is not measured (the broker, the harness itself).
 pub fn cpu_seconds(pid: u32, ticks_per_second: u64) -> Result<f64, ProcError> {
     let path = PathBuf::from(format!("/proc/{pid}/stat"));
-    let text = std::fs::read_to_string(&path).map_err(|source| ProcError::Read {
+    let ticks = parse_cpu_ticks(&read(&path)?).ok_or(ProcError::Format { path })?;
+    Ok(ticks as f64 / ticks_per_second.max(1) as f64)
+}
+
+/// A `/proc` file's text.
+fn read(path: &PathBuf) -> Result<String, ProcError> {
+    std::fs::read_to_string(path).map_err(|source| ProcError::Read {
         path: path.clone(),
         source,
-    })?;
-    let ticks = parse_cpu_ticks(&text).ok_or(ProcError::Format { path })?;
-    Ok(ticks as f64 / ticks_per_second.max(1) as f64)
+    })
 }
 
 /// The whole machine's idle time, from `/proc/stat`: idle + iowait clock ticks summed over
@@ -104,11 +101,7 @@ pub struct MachineTicks {
 impl MachineTicks {
     pub fn read() -> Result<MachineTicks, ProcError> {
         let path = PathBuf::from("/proc/stat");
-        let text = std::fs::read_to_string(&path).map_err(|source| ProcError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        parse_machine_ticks(&text).ok_or(ProcError::Format { path })
+        parse_machine_ticks(&read(&path)?).ok_or(ProcError::Format { path })
     }
 }
 

@@ -6,8 +6,8 @@
 //! consumer had every published message within the grace period after publishing stopped
 //! ([`step_grace`]: so it kept up, rather than catching up from the broker's queue afterwards),
 //! nothing arrived twice, and, for the agent, the receiver holds summaries counting exactly the
-//! published readings, one per window. Each step uses its own topic prefix, agent id and database, so steps never
-//! see each other's messages.
+//! published readings, one per window. Each step uses its own topic prefix, agent id and
+//! database, so steps never see each other's messages.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -109,7 +109,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<bool> {
         broker_host: broker.addr.ip().to_string(),
         broker_port: broker.addr.port(),
         nodes: args.nodes,
-        interval_ms: args.interval_ms,
+        interval_us: args.interval_ms.saturating_mul(1_000),
         connections: 4,
         qos: 1,
         client_id_prefix: format!("demo-sim-{}", std::process::id()),

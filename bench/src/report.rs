@@ -25,7 +25,8 @@ pub struct StepResult {
     pub phase: &'static str,
     /// The rate asked of the simulator (messages per second; each message holds 2 readings).
     pub target_rate: f64,
-    pub interval_ms: u64,
+    /// The simulator's publish interval per sensor, in microseconds.
+    pub interval_us: u64,
     pub seconds: f64,
     pub published_messages: u64,
     pub published_readings: u64,
@@ -235,7 +236,7 @@ mod tests {
             sensors: 100,
             phase,
             target_rate: rate,
-            interval_ms: 1,
+            interval_us: 1_000,
             seconds: 30.0,
             published_messages: (rate * 30.0) as u64,
             published_readings: (rate * 60.0) as u64,

@@ -5,15 +5,18 @@
 //! The runner confirms the result with a full-length step afterwards (see `trial`), because a
 //! rate that holds for a few seconds may not hold for thirty.
 
+use edgewise_firmware::sim::MIN_INTERVAL_US;
+
 /// Lowest rate the search tries, in messages per second.
 pub const MIN_RATE: f64 = 10.0;
 
-/// The simulator's publish interval for `rate` messages per second from `nodes` nodes, and the
-/// rate it really gives (intervals are whole milliseconds, at least 1).
+/// The simulator's publish interval for `rate` messages per second from `nodes` nodes, in
+/// microseconds, and the rate it really gives (whole microseconds, at least
+/// [`MIN_INTERVAL_US`]: one message per sensor per millisecond at most).
 pub fn sim_interval(nodes: usize, rate: f64) -> (u64, f64) {
-    let per_node_ms = nodes as f64 * 1_000.0 / rate.max(f64::MIN_POSITIVE);
-    let interval_ms = (per_node_ms.round() as u64).max(1);
-    (interval_ms, nodes as f64 * 1_000.0 / interval_ms as f64)
+    let per_node_us = nodes as f64 * 1e6 / rate.max(f64::MIN_POSITIVE);
+    let interval_us = (per_node_us.round() as u64).max(MIN_INTERVAL_US);
+    (interval_us, nodes as f64 * 1e6 / interval_us as f64)
 }
 
 /// One line for each `(sensors, rate)` pair the simulator cannot publish within 1%, naming the
@@ -25,7 +28,7 @@ pub fn unreachable_rates(sensors: &[usize], rates: &[f64]) -> Vec<String> {
             let (_, runs_at) = sim_interval(nodes, rate);
             if (runs_at - rate).abs() > 0.01 * rate {
                 notes.push(format!(
-                    "--rates {rate:.0}: {nodes} sensors publish at whole-millisecond intervals; the nearest rate is {runs_at:.0}/s"
+                    "--rates {rate:.0}: {nodes} sensors publish at most one message per sensor per millisecond; the nearest rate is {runs_at:.0}/s"
                 ));
             }
         }
@@ -33,13 +36,13 @@ pub fn unreachable_rates(sensors: &[usize], rates: &[f64]) -> Vec<String> {
     notes
 }
 
-/// The next rate the simulator can produce below `rate` by about `factor` (at least one whole
-/// millisecond of interval lower), or `None` below [`MIN_RATE`].
+/// The next rate the simulator can produce below `rate` by about `factor` (at least one
+/// microsecond of interval lower), or `None` below [`MIN_RATE`].
 pub fn step_down(nodes: usize, rate: f64, factor: f64) -> Option<f64> {
-    let (interval_ms, rate) = sim_interval(nodes, rate);
+    let (interval_us, rate) = sim_interval(nodes, rate);
     let (_, mut lower) = sim_interval(nodes, rate * factor);
     if lower >= rate {
-        lower = nodes as f64 * 1_000.0 / (interval_ms + 1) as f64;
+        lower = nodes as f64 * 1e6 / (interval_us + 1) as f64;
     }
     (lower >= MIN_RATE).then_some(lower)
 }
@@ -111,11 +114,11 @@ mod tests {
 
     #[test]
     fn rates_the_simulator_cannot_publish_are_named_with_the_rate_it_runs() {
-        let notes = unreachable_rates(&[100, 10_000], &[75_000.0, 50_000.0]);
+        let notes = unreachable_rates(&[100, 10_000], &[150_000.0, 75_000.0, 50_000.0]);
         assert_eq!(
             notes,
             [
-                "--rates 75000: 100 sensors publish at whole-millisecond intervals; the nearest rate is 100000/s"
+                "--rates 150000: 100 sensors publish at most one message per sensor per millisecond; the nearest rate is 100000/s"
             ]
         );
         assert!(unreachable_rates(&[100], &[]).is_empty());
@@ -157,26 +160,26 @@ mod tests {
     fn the_probe_budget_and_quantized_repeats_end_the_search() {
         let (_, probes) = run(Search::new(1_000.0, 1e6, 3, 0.01), 23_000.0, |r| r);
         assert_eq!(probes, 3);
-        // 100 nodes: rates are 100000 / whole milliseconds, so the search stops when the
+        // 3 nodes: rates are 3,000,000 / whole microseconds, so the search stops when the
         // midpoint maps to a rate already tried.
-        let q = |r| sim_interval(100, r).1;
-        let (best, probes) = run(Search::new(10_000.0, 1e6, 50, 0.01), 30_000.0, q);
-        assert_eq!(best, Some(25_000.0));
-        assert!(probes < 10, "{probes}");
+        let q = |r| sim_interval(3, r).1;
+        let (best, probes) = run(Search::new(10.0, 1e6, 50, 0.0), 2_000.0, q);
+        assert_eq!(best, Some(2_000.0));
+        assert!(probes < 30, "{probes}");
     }
 
     #[test]
-    fn intervals_are_whole_milliseconds() {
-        assert_eq!(sim_interval(100, 20_000.0), (5, 20_000.0));
-        assert_eq!(sim_interval(100, 1e9), (1, 100_000.0));
-        assert_eq!(sim_interval(10_000, 25_000.0), (400, 25_000.0));
-        assert_eq!(sim_interval(3, 7.0).0, 429);
-        // 100 nodes at 1 ms: 15% lower is still 1 ms, so the next interval (2 ms) it is.
-        assert_eq!(step_down(100, 100_000.0, 0.85), Some(50_000.0));
-        assert_eq!(
-            step_down(10_000, 100_000.0, 0.85),
-            Some(10_000_000.0 / 118.0)
-        );
+    fn intervals_are_whole_microseconds_of_at_least_a_millisecond() {
+        assert_eq!(sim_interval(100, 20_000.0), (5_000, 20_000.0));
+        assert_eq!(sim_interval(100, 1e9), (1_000, 100_000.0));
+        assert_eq!(sim_interval(100, 95_000.0), (1_053, 1e8 / 1_053.0));
+        assert_eq!(sim_interval(10_000, 25_000.0), (400_000, 25_000.0));
+        assert_eq!(sim_interval(3, 7.0).0, 428_571);
+        // 100 nodes at 1 ms: 15% lower is 1.176 ms.
+        assert_eq!(step_down(100, 100_000.0, 0.85), Some(1e8 / 1_176.0));
+        assert_eq!(step_down(10_000, 100_000.0, 0.85), Some(1e10 / 117_647.0));
         assert_eq!(step_down(1, 10.0, 0.85), None);
+        // A factor too close to 1 for the quantization still steps down: one microsecond.
+        assert_eq!(step_down(1, 500.0, 0.9999999), Some(1e6 / 2_001.0));
     }
 }

@@ -90,12 +90,12 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         }
     };
 
-    let (interval_ms, target_rate) = sim_interval(step.sensors, step.rate);
+    let (interval_us, target_rate) = sim_interval(step.sensors, step.rate);
     let sim = Simulator::new(SimConfig {
         broker_host: step.broker.ip().to_string(),
         broker_port: step.broker.port(),
         nodes: step.sensors,
-        interval_ms,
+        interval_us,
         connections: env.connections,
         qos: step.qos,
         client_id_prefix: format!("bench-sim-{}-{seq}", env.run_id),
@@ -147,7 +147,7 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         sensors: step.sensors,
         phase: step.phase,
         target_rate,
-        interval_ms,
+        interval_us,
         seconds,
         published_messages: report.messages_published,
         published_readings: report.readings_published,

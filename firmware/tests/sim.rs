@@ -19,7 +19,7 @@ fn config(broker: &BrokerAddr, topic_prefix: &str) -> SimConfig {
         broker_host: broker.host.clone(),
         broker_port: broker.port,
         nodes: 30,
-        interval_ms: 100,
+        interval_us: 100_000,
         connections: 3,
         qos: 1,
         client_id_prefix: unique("sim"),
@@ -115,59 +115,66 @@ async fn a_subscriber_receives_exactly_what_the_simulator_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos0_runs_deliver_every_message_too() {
-    let broker = broker();
-    let prefix = format!("edgewise-test/{}/sensors", unique("qos0"));
-    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
-
-    let cfg = SimConfig {
+    let (report, received) = run_and_collect("qos0", 800, |c| SimConfig {
         nodes: 10,
         qos: 0,
         connections: 2,
-        ..config(&broker, &prefix)
-    };
-    let report = Simulator::new(cfg)
-        .unwrap()
-        .run(tokio::time::sleep(Duration::from_millis(800)))
-        .await
-        .unwrap();
+        ..c
+    })
+    .await;
     assert!(report.messages_published >= 40, "{report}");
     assert_eq!(report.messages_acked, 0, "QoS 0 is not acknowledged");
     assert_eq!(report.readings_published, 2 * report.messages_published);
-
-    let received = sub.collect(report.messages_published as usize).await;
     assert_eq!(received.len() as u64, report.messages_published);
     assert!(received.iter().all(|r| r.pack.is_some()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publisher_that_falls_behind_keeps_each_nodes_event_times_one_interval_apart() {
-    let broker = broker();
-    let prefix = format!("edgewise-test/{}/sensors", unique("behind"));
-    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
-    // 500 nodes every millisecond (500,000 packs/s): far more than one publisher can send, so
-    // it publishes back to back, several rounds of a node within one millisecond.
-    let cfg = SimConfig {
-        nodes: 500,
-        interval_ms: 1,
+async fn an_interval_of_a_fraction_of_a_millisecond_keeps_its_rate_in_event_time() {
+    // 2.5 ms: event times are whole milliseconds, so a node's packs step by 2 or 3 ms, 2.5 on
+    // average (with whole milliseconds only, 2 or 3 ms were the nearest rates).
+    let (report, received) = run_and_collect("frac", 600, |c| SimConfig {
+        nodes: 4,
+        interval_us: 2_500,
         connections: 2,
-        ..config(&broker, &prefix)
-    };
+        ..c
+    })
+    .await;
+    let times = times_by_node(&received);
+    assert_eq!(times.len(), 4, "{report}");
+    for (node, t) in &times {
+        assert!(t.len() >= 40, "{node}: only {} packs: {report}", t.len());
+        let steps: HashSet<i64> = t.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            steps.is_subset(&HashSet::from([2, 3])),
+            "{node}: steps {steps:?}"
+        );
+        // n intervals of 2.5 ms span 2.5 n ms, give or take the rounding of both ends.
+        let (n, span) = (t.len() as i64 - 1, t[t.len() - 1] - t[0]);
+        assert!(
+            (span * 2 - n * 5).abs() <= 2,
+            "{node}: {n} intervals in {span} ms"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_falls_behind_keeps_each_nodes_event_times_one_interval_apart() {
+    // 2,000 nodes every millisecond (2,000,000 packs/s): far more than one publisher can send,
+    // even in a release build, so it publishes back to back, ever further behind its schedule.
     let run_ms = 400;
-    let report = Simulator::new(cfg)
-        .unwrap()
-        .run(tokio::time::sleep(Duration::from_millis(run_ms)))
-        .await
-        .unwrap();
+    let (report, received) = run_and_collect("behind", run_ms, |c| SimConfig {
+        nodes: 2_000,
+        interval_us: 1_000,
+        connections: 2,
+        ..c
+    })
+    .await;
     assert!(
-        report.messages_published < 500 * run_ms / 2,
+        report.messages_published < 2_000 * run_ms / 2,
         "the publisher kept up, so this test shows nothing: {report}"
     );
-    let received = sub.collect(report.messages_published as usize).await;
-    let mut times: HashMap<String, Vec<i64>> = HashMap::new();
-    for r in &received {
-        let (bn, bt, _) = r.pack.as_ref().expect("a well-formed pack");
-        times.entry(bn.clone()).or_default().push(*bt);
-    }
+    let times = times_by_node(&received);
     for (node, t) in &times {
         // Each connection keeps its nodes' order, and each pack of a node has its own slot: times
         // rise by a whole number of intervals (one, unless the broker dropped packs of this QoS 0
@@ -232,25 +239,46 @@ async fn qos1_publishes_survive_dropped_connections() {
 
 /// One run with traffic faults; returns the report and what the subscriber received.
 async fn traffic_run(traffic: TrafficFaults) -> (SimReport, Vec<common::Received>) {
-    let broker = broker();
-    let prefix = format!("edgewise-test/{}/sensors", unique("traffic"));
-    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
-    let cfg = SimConfig {
+    let (report, received) = run_and_collect("traffic", 1_000, |c| SimConfig {
         nodes: 10,
         connections: 2,
         traffic,
-        ..config(&broker, &prefix)
-    };
-    let report = Simulator::new(cfg)
-        .unwrap()
-        .run(tokio::time::sleep(Duration::from_millis(1_000)))
-        .await
-        .unwrap();
+        ..c
+    })
+    .await;
     assert_eq!(report.messages_acked, report.messages_published);
-    let received = sub.collect(report.messages_published as usize).await;
     // Exactly the published messages arrive, none of the dropped ones.
     assert_eq!(received.len() as u64, report.messages_published, "{report}");
     (report, received)
+}
+
+/// Runs the simulator for `run_ms` with [`config`] changed by `shape`, on fresh topics named
+/// after `tag`, and returns its report and what a subscriber to those topics received.
+async fn run_and_collect(
+    tag: &str,
+    run_ms: u64,
+    shape: impl FnOnce(SimConfig) -> SimConfig,
+) -> (SimReport, Vec<common::Received>) {
+    let broker = broker();
+    let prefix = format!("edgewise-test/{}/sensors", unique(tag));
+    let sub = Subscriber::start(&broker, &format!("{prefix}/#")).await;
+    let report = Simulator::new(shape(config(&broker, &prefix)))
+        .unwrap()
+        .run(tokio::time::sleep(Duration::from_millis(run_ms)))
+        .await
+        .unwrap();
+    let received = sub.collect(report.messages_published as usize).await;
+    (report, received)
+}
+
+/// Each node's pack base times, in the order they arrived.
+fn times_by_node(received: &[common::Received]) -> HashMap<String, Vec<i64>> {
+    let mut times: HashMap<String, Vec<i64>> = HashMap::new();
+    for r in received {
+        let (bn, bt, _) = r.pack.as_ref().expect("a well-formed pack");
+        times.entry(bn.clone()).or_default().push(*bt);
+    }
+    times
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

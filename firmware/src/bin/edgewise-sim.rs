@@ -28,9 +28,10 @@ struct Args {
     /// Number of virtual nodes (1..=10000).
     #[arg(long, default_value_t = 50)]
     nodes: usize,
-    /// Each node publishes one pack every interval.
-    #[arg(long, default_value_t = 1_000)]
-    interval_ms: u64,
+    /// Each node publishes one pack every interval, in milliseconds (fractions allowed, at
+    /// least 1: `--interval-ms 1.25`).
+    #[arg(long, default_value_t = 1_000.0)]
+    interval_ms: f64,
     /// Run time; without it, run until Ctrl-C.
     #[arg(long)]
     seconds: Option<u64>,
@@ -101,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
             .to_string(),
         broker_port: port,
         nodes: args.nodes,
-        interval_ms: args.interval_ms,
+        interval_us: interval_us(args.interval_ms)?,
         connections: args.connections,
         qos: args.qos,
         client_id_prefix: args
@@ -129,7 +130,12 @@ async fn main() -> anyhow::Result<()> {
     let cfg = sim.config().clone();
     println!(
         "{} nodes on {} connections to {}:{}, one pack per node every {} ms, QoS {}",
-        cfg.nodes, cfg.connections, cfg.broker_host, cfg.broker_port, cfg.interval_ms, cfg.qos
+        cfg.nodes,
+        cfg.connections,
+        cfg.broker_host,
+        cfg.broker_port,
+        cfg.interval_us as f64 / 1_000.0,
+        cfg.qos
     );
 
     let counters = sim.counters();
@@ -169,4 +175,25 @@ async fn main() -> anyhow::Result<()> {
     let report = result.context("running the simulation")?;
     println!("final: {report}");
     Ok(())
+}
+
+/// `--interval-ms` in whole microseconds; the simulator refuses less than 1 ms.
+fn interval_us(ms: f64) -> anyhow::Result<u64> {
+    if !ms.is_finite() || ms < 0.0 {
+        bail!("--interval-ms {ms}: expected a number of milliseconds, at least 1");
+    }
+    Ok((ms * 1_000.0).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::interval_us;
+
+    #[test]
+    fn interval_takes_fractions_of_a_millisecond() {
+        assert_eq!(interval_us(1_000.0).unwrap(), 1_000_000);
+        assert_eq!(interval_us(1.25).unwrap(), 1_250);
+        assert!(interval_us(f64::NAN).is_err());
+        assert!(interval_us(-1.0).is_err());
+    }
 }

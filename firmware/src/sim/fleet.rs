@@ -82,14 +82,14 @@ pub struct Message {
 pub struct VirtualNode {
     node: Node<Waveform, METRICS>,
     topic: String,
-    offset_ms: u64,
+    offset_us: u64,
     faults: crate::sim::Faults,
     rng: SplitMix64,
     traffic: TrafficFaults,
     /// Draws for the traffic faults, apart from `rng` so a seed gives the same payloads with or
     /// without traffic faults.
     traffic_rng: SplitMix64,
-    interval_ms: u64,
+    interval_us: u64,
     held: Option<Message>,
 }
 
@@ -106,18 +106,18 @@ impl VirtualNode {
                 mix(node_seed.wrapping_add(m as u64)),
             ),
         });
-        let offset_ms = (index as u128 * u128::from(cfg.interval_ms) / cfg.nodes.max(1) as u128)
+        let offset_us = (index as u128 * u128::from(cfg.interval_us) / cfg.nodes.max(1) as u128)
             .try_into()
             .unwrap_or(0);
         Ok(Self {
             node: Node::new(id, metrics),
             topic: format!("{}/{}", cfg.topic_prefix, id),
-            offset_ms,
+            offset_us,
             faults: cfg.faults,
             rng: SplitMix64::new(mix(node_seed ^ 0xFA17_FA17_FA17_FA17)),
             traffic: cfg.traffic,
             traffic_rng: SplitMix64::new(mix(node_seed ^ 0x7AFF_1C00_7AFF_1C00)),
-            interval_ms: cfg.interval_ms,
+            interval_us: cfg.interval_us,
             held: None,
         })
     }
@@ -130,9 +130,9 @@ impl VirtualNode {
         &self.topic
     }
 
-    /// When in each interval this node publishes.
-    pub fn offset_ms(&self) -> u64 {
-        self.offset_ms
+    /// When in each interval this node publishes, in microseconds.
+    pub fn offset_us(&self) -> u64 {
+        self.offset_us
     }
 
     fn sample(&mut self, now_ms: i64) -> [f64; METRICS] {
@@ -157,9 +157,10 @@ impl VirtualNode {
         } else {
             1
         };
-        let interval_ms = i64::try_from(self.interval_ms).unwrap_or(i64::MAX);
+        let interval_us = i64::try_from(self.interval_us).unwrap_or(i64::MAX);
         for k in 0..count {
-            let back = i64::from(count - 1 - k).saturating_mul(interval_ms);
+            // Whole milliseconds, distinct for each k as the interval is at least 1 ms.
+            let back = i64::from(count - 1 - k).saturating_mul(interval_us) / 1_000;
             let mut m = self.next_message(now_ms.saturating_sub(back))?;
             m.tally.burst = count > 1;
             if self.traffic_rng.chance(t.drop) {
@@ -279,7 +280,7 @@ mod tests {
     fn cfg(faults: Faults) -> SimConfig {
         SimConfig {
             nodes: 4,
-            interval_ms: 1_000,
+            interval_us: 1_000_000,
             seed: 7,
             faults,
             ..SimConfig::default()
@@ -293,7 +294,7 @@ mod tests {
         let cfg = cfg(Faults::default());
         let mut n = VirtualNode::new(2, &cfg).unwrap();
         assert_eq!(n.topic(), "sensors/node-00002");
-        assert_eq!(n.offset_ms(), 500);
+        assert_eq!(n.offset_us(), 500_000);
         for i in 0..50 {
             let now = 1_700_000_000_000 + i * 1_000;
             let m = n.next_message(now).unwrap();

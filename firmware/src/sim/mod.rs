@@ -11,7 +11,7 @@
 //! use edgewise_firmware::sim::{Faults, SimConfig, Simulator};
 //! let cfg = SimConfig {
 //!     nodes: 50,
-//!     interval_ms: 1_000,
+//!     interval_us: 1_000_000,
 //!     faults: Faults { malformed: 0.01, ..Faults::default() },
 //!     ..SimConfig::default()
 //! };
@@ -28,7 +28,8 @@ pub mod fleet;
 pub mod runner;
 
 pub use config::{
-    ConfigError, Faults, MAX_BURST, MAX_NODES, SimConfig, TrafficFaults, unique_client_id_prefix,
+    ConfigError, Faults, MAX_BURST, MAX_NODES, MIN_INTERVAL_US, SimConfig, TrafficFaults,
+    unique_client_id_prefix,
 };
 pub use counters::{SimCounters, SimReport};
 pub use fleet::{MalformedKind, Message, SIM_METRICS, SimMetric, Tally, VirtualNode};

@@ -186,7 +186,7 @@ impl Simulator {
                 qos,
                 start,
                 origin_ms,
-                interval: Duration::from_millis(cfg.interval_ms),
+                interval: Duration::from_micros(cfg.interval_us),
                 counters: Arc::clone(&counters),
                 halt: halt_rx.clone(),
             };
@@ -280,9 +280,10 @@ struct Publisher {
 }
 
 impl Publisher {
-    /// Node k of round r is due at `start + r * interval + offset_k`, and that slot is its
-    /// pack's event time. A publisher that falls behind publishes back to back until it has
-    /// caught up; none of its rounds is skipped, and a node's event times stay one interval apart.
+    /// Node k of round r is due at `start + r * interval + offset_k`, and that slot, in whole
+    /// milliseconds, is its pack's event time. A publisher that falls behind publishes back to
+    /// back until it has caught up; none of its rounds is skipped, and a node's event times stay
+    /// one interval apart (give or take the rounding; the interval is at least 1 ms).
     async fn run(mut self, mut nodes: Vec<VirtualNode>) -> Result<(), SimError> {
         let mut round_start = self.start;
         let mut batch = Vec::new();
@@ -291,7 +292,7 @@ impl Publisher {
                 if *self.halt.borrow() {
                     return Ok(());
                 }
-                let due = round_start + Duration::from_millis(node.offset_ms());
+                let due = round_start + Duration::from_micros(node.offset_us());
                 if due > Instant::now() {
                     tokio::select! {
                         () = sleep_until(due) => {}

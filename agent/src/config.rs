@@ -97,13 +97,15 @@ pub struct MqttConfig {
     /// wait for one commit; Mosquitto's default for 3.1.1 clients is 20. Default 5,000.
     pub receive_maximum: u16,
     /// The broker's limit on QoS 1 messages sent to this client and not yet acknowledged
-    /// (Mosquitto: `max_inflight_messages`; rumqttd, the embedded broker: 100, a constant of
-    /// rumqttd 0.20 that also applies to QoS 0 messages on a QoS 1 subscription). The agent acks
+    /// (Mosquitto: `max_inflight_messages`; the embedded broker: 1,000,
+    /// [`crate::broker::MAX_INFLIGHT`], a constant of rumqttd that also applies to QoS 0
+    /// messages on a QoS 1 subscription; 100 in a rumqttd 0.20 not built from `vendor/`). The agent acks
     /// a message only after its journal commit, so once that many wait for the commit the broker
     /// sends nothing more: the batch then commits at once instead of waiting out
     /// `ingest.commit_interval_ms`. A limit set too high only costs that wait; one set too low
     /// only makes commits smaller. 0: never commit early. With several `connections` the limit
-    /// is per connection. Default: 100 with MQTT 3.1.1, `receive_maximum` with MQTT 5 (see
+    /// is per connection. Default: 100 with MQTT 3.1.1 (500, half the embedded broker's window,
+    /// when the agent runs it, `--embedded-broker`), `receive_maximum` with MQTT 5 (see
     /// [`AgentConfig::in_flight_limit`]).
     pub broker_max_inflight: Option<usize>,
     /// MQTT connections the agent reads through (1 to 16). With more than one, each connection

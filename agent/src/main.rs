@@ -143,9 +143,13 @@ fn run(command: Command, started: Instant) -> anyhow::Result<ExitCode> {
             #[cfg(feature = "embedded-broker")]
             embedded_broker,
         } => {
-            let loaded = LoadedConfig::load(&config)?;
+            #[allow(unused_mut)]
+            let mut loaded = LoadedConfig::load(&config)?;
             #[cfg(feature = "embedded-broker")]
             if let Some(listen) = embedded_broker {
+                // The agent reads from its own broker, whose in-flight window it knows.
+                let inflight = &mut loaded.cfg.mqtt.broker_max_inflight;
+                inflight.get_or_insert(edgewise_agent::broker::AGENT_MAX_INFLIGHT);
                 if loaded.cfg.mqtt.protocol == edgewise_agent::config::MqttProtocol::V5 {
                     anyhow::bail!(
                         "--embedded-broker speaks MQTT 3.1.1 only (rumqttd's MQTT 5 listener is \

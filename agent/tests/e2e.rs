@@ -146,10 +146,6 @@ async fn mqtt5_agent_crashed_mid_window_loses_nothing_it_acked_or_missed() {
 /// `max_inflight_messages`, 20 by default), and the rest once they are acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_receive_maximum_sets_how_many_messages_wait_for_their_ack() {
-    use edgewise_agent::ingest::{Connection, connect, run_connection};
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
-    use std::time::Duration;
     if !external_broker("mqtt5_receive_maximum_sets_how_many_messages_wait_for_their_ack") {
         return;
     }
@@ -159,47 +155,81 @@ async fn mqtt5_receive_maximum_sets_how_many_messages_wait_for_their_ack() {
         let mut cfg = setup.agent_config(free_addr());
         cfg.mqtt.protocol = MqttProtocol::V5;
         cfg.mqtt.receive_maximum = receive_maximum;
-        let (client, session) = connect(&cfg, 0).unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(1000);
-        let metrics = Arc::new(edgewise_agent::Metrics::default());
-        let stopping = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(run_connection(
-            Connection {
-                session,
-                client: client.clone(),
-                index: 0,
-                topics: cfg.subscription_filters(),
-            },
-            tx,
-            metrics.clone(),
-            Duration::from_millis(500),
-            stopping.clone(),
-        ));
-        wait_until(10, "subscribed", || metrics.mqtt_subscribed.get() == 1).await;
-        let sent: Vec<(String, Vec<u8>)> = (0..MESSAGES)
-            .map(|i| (setup.topic("n1"), temperature("n1", T0 + i as i64, 20.0)))
-            .collect();
-        publish_all(&setup.broker, &sent).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before_acks = messages_before_any_ack(&setup, &cfg, &setup.broker, MESSAGES).await;
         let unacked = usize::from(receive_maximum).min(MESSAGES);
-        assert_eq!(rx.len(), unacked, "receive maximum {receive_maximum}");
-
-        // Acked, the rest follow, each once.
-        let mut got = 0;
-        while got < MESSAGES {
-            let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("the broker sent the rest after the acks")
-                .expect("the connection is running");
-            client.ack(&d.message).await.unwrap();
-            got += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(rx.is_empty(), "nothing is delivered twice");
-        stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        assert_eq!(before_acks, unacked, "receive maximum {receive_maximum}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_sends_its_in_flight_window_before_any_ack() {
+    use edgewise_agent::broker::{EmbeddedBroker, MAX_INFLIGHT};
+    let broker = EmbeddedBroker::start(([127, 0, 0, 1], 0).into(), 1 << 20).unwrap();
+    let setup = Setup::new();
+    let mut cfg = setup.agent_config(free_addr());
+    cfg.mqtt.url = format!("mqtt://{}", broker.addr);
+    let to = (broker.addr.ip().to_string(), broker.addr.port());
+    // The vendored rumqttd's window (vendor/README.md), where rumqttd 0.20 has 100.
+    assert_eq!(
+        messages_before_any_ack(&setup, &cfg, &to, MAX_INFLIGHT + 200).await,
+        MAX_INFLIGHT
+    );
+}
+
+/// Connects one agent connection with `cfg`, publishes `messages` QoS 1 readings to `broker`
+/// and returns how many arrived while none was acked; then acks them one by one and checks that
+/// the rest arrive, each once.
+async fn messages_before_any_ack(
+    setup: &Setup,
+    cfg: &edgewise_agent::config::AgentConfig,
+    broker: &(String, u16),
+    messages: usize,
+) -> usize {
+    use edgewise_agent::ingest::{Connection, connect, run_connection};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+    let (client, session) = connect(cfg, 0).unwrap();
+    // Room for all: a full channel would stop the connection reading and hide the broker's limit.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2 * messages);
+    let metrics = Arc::new(edgewise_agent::Metrics::default());
+    let stopping = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(run_connection(
+        Connection {
+            session,
+            client: client.clone(),
+            index: 0,
+            topics: cfg.subscription_filters(),
+        },
+        tx,
+        metrics.clone(),
+        Duration::from_millis(500),
+        stopping.clone(),
+    ));
+    wait_until(10, "subscribed", || metrics.mqtt_subscribed.get() == 1).await;
+    let sent: Vec<(String, Vec<u8>)> = (0..messages)
+        .map(|i| (setup.topic("n1"), temperature("n1", T0 + i as i64, 20.0)))
+        .collect();
+    publish_all(broker, &sent).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_acks = rx.len();
+
+    // Acked, the rest follow, each once.
+    let mut got = 0;
+    while got < messages {
+        let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the broker sent the rest after the acks")
+            .expect("the connection is running");
+        client.ack(&d.message).await.unwrap();
+        got += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.is_empty(), "nothing is delivered twice");
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    before_acks
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

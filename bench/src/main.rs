@@ -72,8 +72,8 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     commit_max_messages: usize,
     /// The agent's `mqtt.broker_max_inflight` (commit as soon as this many QoS 1 messages wait
-    /// for their ack; 0: never early). Default: the agent's (100 with MQTT 3.1.1, the receive
-    /// maximum with MQTT 5).
+    /// for their ack; 0: never early). Default: with the embedded broker half its window (500),
+    /// else the agent's (100 with MQTT 3.1.1, the receive maximum with MQTT 5).
     #[arg(long)]
     broker_max_inflight: Option<usize>,
     /// The MQTT version of the agent and of the counting subscriber: `3.1.1` or `5`.

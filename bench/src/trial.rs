@@ -84,9 +84,7 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         }
         ConsumerKind::Agent => {
             let streams = step.sensors * SIM_METRICS.len();
-            Consumer::Agent(
-                AgentProcess::start(env, &agent_id, step.broker, &filter, streams).await?,
-            )
+            Consumer::Agent(AgentProcess::start(env, &agent_id, step, &filter, streams).await?)
         }
     };
 
@@ -504,7 +502,7 @@ impl AgentProcess {
     async fn start(
         env: &Env,
         agent_id: &str,
-        broker: SocketAddr,
+        step: &Step,
         filter: &str,
         streams: usize,
     ) -> anyhow::Result<Self> {
@@ -522,7 +520,7 @@ impl AgentProcess {
         std::fs::write(
             &config,
             agent_config(
-                env, agent_id, broker, filter, streams, &token, http_addr, &dir,
+                env, agent_id, step, filter, streams, &token, http_addr, &dir,
             ),
         )
         .with_context(|| format!("writing {}", config.display()))?;
@@ -651,7 +649,7 @@ impl Drop for AgentProcess {
 fn agent_config(
     env: &Env,
     agent_id: &str,
-    broker: SocketAddr,
+    step: &Step,
     filter: &str,
     streams: usize,
     token: &str,
@@ -693,6 +691,7 @@ listen = "{http}"
 model_path = "{model}"
 streams = ["+/temperature"]
 "#,
+        broker = step.broker,
         commit_interval_ms = env.commit_interval_ms,
         commit_max_messages = env.commit_max_messages,
         protocol = if env.mqtt5 {
@@ -703,7 +702,10 @@ streams = ["+/temperature"]
         } else {
             String::new()
         },
-        broker_max_inflight = match env.broker_max_inflight {
+        // The embedded broker's window is known (the agent would assume 100 over MQTT 3.1.1).
+        broker_max_inflight = match env.broker_max_inflight.or_else(|| {
+            (step.broker_name == "embedded").then_some(edgewise_agent::broker::AGENT_MAX_INFLIGHT)
+        }) {
             Some(n) => format!("broker_max_inflight = {n}\n"),
             None => String::new(),
         },

@@ -43,9 +43,9 @@ pub const MAX_INFLIGHT: usize = 1_000;
 
 /// The agent's `mqtt.broker_max_inflight` when it reads from the embedded broker (it runs it
 /// itself, or `edgewise-bench` does): half the window, so the broker keeps sending the other
-/// half while a batch commits. With the whole window the broker stalled once per commit: at
-/// 100,000 msg/s (100 sensors, QoS 1) the agent had 18,764 of 2,999,902 messages missing after
-/// 30 s; with half, none missing, 0.47 cores (README, "Performance").
+/// half while a batch commits. With the whole window the broker stalled once per commit: in a
+/// 30 s step at 100,000 msg/s (100 sensors, QoS 1) the agent had 18,764 of 2,999,902 messages
+/// missing 2 s after the end; with half, none, at 0.47 cores (README, "Performance").
 pub const AGENT_MAX_INFLIGHT: usize = MAX_INFLIGHT / 2;
 
 #[derive(Debug, thiserror::Error)]

@@ -99,10 +99,10 @@ pub struct MqttConfig {
     /// The broker's limit on QoS 1 messages sent to this client and not yet acknowledged
     /// (Mosquitto: `max_inflight_messages`; the embedded broker: 1,000,
     /// [`crate::broker::MAX_INFLIGHT`], a constant of rumqttd that also applies to QoS 0
-    /// messages on a QoS 1 subscription; 100 in a rumqttd 0.20 not built from `vendor/`). The agent acks
-    /// a message only after its journal commit, so once that many wait for the commit the broker
-    /// sends nothing more: the batch then commits at once instead of waiting out
-    /// `ingest.commit_interval_ms`. A limit set too high only costs that wait; one set too low
+    /// messages on a QoS 1 subscription; 100 in rumqttd 0.20 as published, without `vendor/`).
+    /// The agent acks a message only after its journal commit, so once that many wait for the
+    /// commit the broker sends nothing more: the batch then commits at once instead of waiting
+    /// out `ingest.commit_interval_ms`. A limit set too high only costs that wait; one set too low
     /// only makes commits smaller. 0: never commit early. With several `connections` the limit
     /// is per connection. Default: 100 with MQTT 3.1.1 (500, half the embedded broker's window,
     /// when the agent runs it, `--embedded-broker`), `receive_maximum` with MQTT 5 (see

@@ -28,6 +28,7 @@ use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 use rustls::server::WebPkiClientVerifier;
 use tokio::sync::Semaphore;
 
+use crate::config::{MqttConfig, MqttProtocol};
 use crate::tls::{TlsError, read_certs, read_key};
 
 /// Longest a client may take to complete its TLS handshake with the embedded broker.
@@ -48,8 +49,24 @@ pub const MAX_INFLIGHT: usize = 1_000;
 /// missing 2 s after the end; with half, none, at 0.47 cores (README, "Performance").
 pub const AGENT_MAX_INFLIGHT: usize = MAX_INFLIGHT / 2;
 
+/// Fits an agent's MQTT settings to reading from the embedded broker it runs itself
+/// (`--embedded-broker`): MQTT 3.1.1 only (rumqttd's MQTT 5 listener is incomplete), and
+/// `broker_max_inflight`, when not set, [`AGENT_MAX_INFLIGHT`] (the agent would assume 100).
+pub fn fit_agent(mqtt: &mut MqttConfig) -> Result<(), BrokerError> {
+    if mqtt.protocol == MqttProtocol::V5 {
+        return Err(BrokerError::Mqtt5);
+    }
+    mqtt.broker_max_inflight.get_or_insert(AGENT_MAX_INFLIGHT);
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    #[error(
+        "--embedded-broker speaks MQTT 3.1.1 only (rumqttd's MQTT 5 listener is incomplete): \
+         set mqtt.protocol = \"3.1.1\" or use an external broker"
+    )]
+    Mqtt5,
     #[error("no free port on {0}: {1}")]
     Port(SocketAddr, std::io::Error),
     #[error("starting the broker thread: {0}")]
@@ -267,5 +284,31 @@ async fn serve_tls(public: TcpListener, config: Arc<rustls::ServerConfig>, inner
             // Ends when either side closes; errors only mean the connection is gone.
             let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_on_its_own_embedded_broker_commits_at_half_its_window_over_mqtt_3_1_1_only() {
+        let mut mqtt = MqttConfig::default();
+        fit_agent(&mut mqtt).unwrap();
+        assert_eq!(mqtt.broker_max_inflight, Some(AGENT_MAX_INFLIGHT));
+        assert_eq!(AGENT_MAX_INFLIGHT * 2, MAX_INFLIGHT);
+        // A limit the operator set stays.
+        let mut mqtt = MqttConfig {
+            broker_max_inflight: Some(20),
+            ..MqttConfig::default()
+        };
+        fit_agent(&mut mqtt).unwrap();
+        assert_eq!(mqtt.broker_max_inflight, Some(20));
+        let mut mqtt = MqttConfig {
+            protocol: MqttProtocol::V5,
+            ..MqttConfig::default()
+        };
+        let e = fit_agent(&mut mqtt).unwrap_err();
+        assert!(e.to_string().contains("MQTT 3.1.1 only"), "{e}");
     }
 }

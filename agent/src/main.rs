@@ -143,19 +143,12 @@ fn run(command: Command, started: Instant) -> anyhow::Result<ExitCode> {
             #[cfg(feature = "embedded-broker")]
             embedded_broker,
         } => {
-            #[allow(unused_mut)]
-            let mut loaded = LoadedConfig::load(&config)?;
+            #[cfg(not(feature = "embedded-broker"))]
+            let embedded_broker: Option<std::net::SocketAddr> = None;
+            let embedded = embedded_broker.is_some();
+            let loaded = load_config(&config, embedded)?;
             #[cfg(feature = "embedded-broker")]
             if let Some(listen) = embedded_broker {
-                // The agent reads from its own broker, whose in-flight window it knows.
-                let inflight = &mut loaded.cfg.mqtt.broker_max_inflight;
-                inflight.get_or_insert(edgewise_agent::broker::AGENT_MAX_INFLIGHT);
-                if loaded.cfg.mqtt.protocol == edgewise_agent::config::MqttProtocol::V5 {
-                    anyhow::bail!(
-                        "--embedded-broker speaks MQTT 3.1.1 only (rumqttd's MQTT 5 listener is \
-                         incomplete): set mqtt.protocol = \"3.1.1\" or use an external broker"
-                    );
-                }
                 let broker = edgewise_agent::broker::EmbeddedBroker::start(
                     listen,
                     loaded.cfg.mqtt.max_packet_bytes,
@@ -164,7 +157,7 @@ fn run(command: Command, started: Instant) -> anyhow::Result<ExitCode> {
                 tracing::info!(listen = %broker.addr, "embedded MQTT broker started");
             }
             let rt = runtime()?;
-            let result = rt.block_on(run_agent(&config, loaded, started));
+            let result = rt.block_on(run_agent(&config, loaded, started, embedded));
             // A blocking SQLite call still running must not hold the exit up for long: its
             // transaction either commits or is rolled back by SQLite on the next open.
             rt.shutdown_timeout(SHUTDOWN_LINGER);
@@ -181,6 +174,38 @@ fn run(command: Command, started: Instant) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+/// Loads the config file (at start and at a reload); with `--embedded-broker` fitted to the
+/// embedded broker ([`fit_to_embedded_broker`]), so a reload keeps what the start set.
+fn load_config(path: &Path, embedded_broker: bool) -> Result<LoadedConfig, ConfigError> {
+    let loaded = LoadedConfig::load(path)?;
+    if embedded_broker {
+        return fit_to_embedded_broker(path, loaded);
+    }
+    Ok(loaded)
+}
+
+/// The agent's MQTT settings for reading from its own embedded broker
+/// ([`edgewise_agent::broker::fit_agent`]); a file asking for MQTT 5 is invalid.
+#[cfg(feature = "embedded-broker")]
+fn fit_to_embedded_broker(
+    path: &Path,
+    mut loaded: LoadedConfig,
+) -> Result<LoadedConfig, ConfigError> {
+    edgewise_agent::broker::fit_agent(&mut loaded.cfg.mqtt).map_err(|e| ConfigError::Invalid {
+        path: path.to_owned(),
+        problems: vec![edgewise_agent::config::Problem {
+            key: "mqtt.protocol".into(),
+            message: e.to_string(),
+        }],
+    })?;
+    Ok(loaded)
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+fn fit_to_embedded_broker(_: &Path, loaded: LoadedConfig) -> Result<LoadedConfig, ConfigError> {
+    Ok(loaded)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -237,7 +262,12 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run_agent(path: &Path, loaded: LoadedConfig, started: Instant) -> anyhow::Result<()> {
+async fn run_agent(
+    path: &Path,
+    loaded: LoadedConfig,
+    started: Instant,
+    embedded_broker: bool,
+) -> anyhow::Result<()> {
     let notifier = Notifier::from_env().context("opening the NOTIFY_SOCKET")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -261,7 +291,8 @@ async fn run_agent(path: &Path, loaded: LoadedConfig, started: Instant) -> anyho
             _ = hup.recv() => {
                 notifier.send("RELOADING=1\nSTATUS=reloading the config");
                 let new_token = running.cfg.sync_token().ok();
-                let plan = plan_reload(&running, LoadedConfig::load(path), new_token != token);
+                let new = load_config(path, embedded_broker);
+                let plan = plan_reload(&running, new, new_token != token);
                 (agent, running) = reload(agent, running, plan).await?;
                 token = running.cfg.sync_token().ok();
                 notifier.send("READY=1\nSTATUS=running");

@@ -250,7 +250,6 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
         window_seconds: args.window_seconds,
         commit_interval_ms: args.commit_interval_ms,
         commit_max_messages: args.commit_max_messages,
-        broker_max_inflight: args.broker_max_inflight,
         mqtt5: args.mqtt_protocol == "5",
         receive_maximum: args.receive_maximum,
         agent_connections: args.agent_connections,
@@ -260,20 +259,24 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
     let mut brokers = Vec::new();
     let mut _mosquitto = None;
     for name in &args.brokers {
-        let (addr, pid) = if name == "mosquitto" {
+        // (address, process, the agent's in-flight limit when not given: the embedded broker's
+        // window is known; over MQTT 3.1.1 the agent would assume 100).
+        let (addr, pid, agent_max_inflight) = if name == "mosquitto" {
             let mdir = dir.join("mosquitto");
             std::fs::create_dir_all(&mdir).context("creating the Mosquitto directory")?;
             let m = Mosquitto::start(&mdir, &args.mosquitto_config, &args.mosquitto_option)?;
             let (addr, pid) = (m.addr, m.pid());
             _mosquitto = Some(m);
-            (addr, Some(pid))
+            (addr, Some(pid), None)
         } else {
             let embedded =
                 edgewise_agent::broker::EmbeddedBroker::start(([127, 0, 0, 1], 0).into(), 1 << 20)
                     .context("starting the embedded broker")?;
-            (embedded.addr, None)
+            let inflight = edgewise_agent::broker::AGENT_MAX_INFLIGHT;
+            (embedded.addr, None, Some(inflight))
         };
-        brokers.push((name.clone(), addr, pid));
+        let agent_max_inflight = args.broker_max_inflight.or(agent_max_inflight);
+        brokers.push((name.clone(), addr, pid, agent_max_inflight));
     }
 
     let (typical, worst) = expected_seconds(args);
@@ -296,14 +299,14 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
         env.cloud_addr,
         dir.display()
     );
-    for (name, addr, _) in &brokers {
+    for (name, addr, _, _) in &brokers {
         println!("broker {name} on {addr}");
     }
 
     let started = std::time::Instant::now();
     let mut cases = Vec::new();
     let mut seq = 0;
-    for (name, addr, pid) in &brokers {
+    for (name, addr, pid, agent_max_inflight) in &brokers {
         for &qos in &args.qos {
             for &sensors in &args.sensors {
                 println!("\n== {name}, QoS {qos}, {sensors} sensors ==");
@@ -312,6 +315,7 @@ async fn run_in(args: &Args, agent_bin: PathBuf, dir: &Path) -> anyhow::Result<(
                     broker_name: name.clone(),
                     broker: *addr,
                     broker_pid: *pid,
+                    agent_max_inflight: *agent_max_inflight,
                     consumer: ConsumerKind::Subscriber,
                     qos,
                     sensors,

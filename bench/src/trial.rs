@@ -43,7 +43,6 @@ pub struct Env {
     pub window_seconds: u64,
     pub commit_interval_ms: u64,
     pub commit_max_messages: usize,
-    pub broker_max_inflight: Option<usize>,
     /// MQTT 5 for the agent and the counting subscriber (3.1.1 otherwise).
     pub mqtt5: bool,
     /// Their receive maximum with MQTT 5.
@@ -60,6 +59,9 @@ pub struct Step {
     pub broker: SocketAddr,
     /// The broker's process when it is not the harness itself (Mosquitto), for its CPU time.
     pub broker_pid: Option<u32>,
+    /// The agent's `mqtt.broker_max_inflight` with this broker (`--broker-max-inflight`, else
+    /// what the broker needs; `None`: the agent's default).
+    pub agent_max_inflight: Option<usize>,
     pub consumer: ConsumerKind,
     pub qos: u8,
     pub sensors: usize,
@@ -107,13 +109,13 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
     let counters = sim.counters();
 
     let before = consumer.usage(env)?;
-    let busy_before = consumer.ingest_busy_seconds().await?;
+    let busy_before = (Instant::now(), consumer.ingest_busy_seconds().await?);
     let machine_before = MachineSnapshot::read(env, step)?;
     let sim_result = sim
         .run(tokio::time::sleep(Duration::from_secs(step.seconds)))
         .await;
     let machine = MachineSnapshot::read(env, step)?.since(&machine_before);
-    let busy_after = consumer.ingest_busy_seconds().await?;
+    let busy_after = (Instant::now(), consumer.ingest_busy_seconds().await?);
     let during = consumer.usage(env)?;
     let published_at = Instant::now();
     let report = counters.snapshot();
@@ -160,9 +162,7 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
         windows_scored: None,
         cpu_seconds: None,
         cpu_cores: None,
-        ingest_busy: busy_after
-            .zip(busy_before)
-            .map(|(after, before)| (after - before) / step.seconds as f64),
+        ingest_busy: busy_share(busy_before, busy_after),
         machine,
         memory: None,
         sustained: false,
@@ -252,6 +252,13 @@ pub async fn run_step(env: &Env, step: &Step, seq: usize) -> anyhow::Result<Step
 pub fn step_grace(grace: Duration, step_seconds: u64) -> Duration {
     let share = Duration::from_secs(step_seconds) / 15;
     grace.min(share.max(MIN_GRACE))
+}
+
+/// The share of the time between two readings of the agent's ingest-busy seconds that its
+/// ingest loop was busy (none for a subscriber).
+fn busy_share(before: (Instant, Option<f64>), after: (Instant, Option<f64>)) -> Option<f64> {
+    let seconds = (after.0 - before.0).as_secs_f64().max(f64::MIN_POSITIVE);
+    Some((after.1? - before.1?) / seconds)
 }
 
 /// The least grace [`step_grace`] gives.
@@ -702,10 +709,7 @@ streams = ["+/temperature"]
         } else {
             String::new()
         },
-        // The embedded broker's window is known (the agent would assume 100 over MQTT 3.1.1).
-        broker_max_inflight = match env.broker_max_inflight.or_else(|| {
-            (step.broker_name == "embedded").then_some(edgewise_agent::broker::AGENT_MAX_INFLIGHT)
-        }) {
+        broker_max_inflight = match step.agent_max_inflight {
             Some(n) => format!("broker_max_inflight = {n}\n"),
             None => String::new(),
         },
@@ -792,6 +796,15 @@ mod tests {
             step_grace(Duration::from_millis(100), 5),
             Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn the_ingest_loops_busy_share_is_over_the_time_between_the_readings() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let share = busy_share((at(0), Some(10.0)), (at(30_000), Some(25.0)));
+        assert!((share.unwrap_or(-1.0) - 0.5).abs() < 1e-9, "{share:?}");
+        assert_eq!(busy_share((at(0), None), (at(30_000), None)), None);
     }
 
     #[test]

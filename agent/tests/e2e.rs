@@ -12,6 +12,7 @@ use common::*;
 use edgewise_agent::Agent;
 use edgewise_agent::config::MqttProtocol;
 use edgewise_cloud::Receiver;
+use rumqttc::QoS;
 
 /// Aligned to a 10 s window boundary.
 const T0: i64 = 1_700_000_000_000;
@@ -155,7 +156,8 @@ async fn mqtt5_receive_maximum_sets_how_many_messages_wait_for_their_ack() {
         let mut cfg = setup.agent_config(free_addr());
         cfg.mqtt.protocol = MqttProtocol::V5;
         cfg.mqtt.receive_maximum = receive_maximum;
-        let before_acks = messages_before_any_ack(&setup, &cfg, &setup.broker, MESSAGES).await;
+        let before_acks =
+            messages_before_any_ack(&setup, &cfg, &setup.broker, MESSAGES, QoS::AtLeastOnce).await;
         let unacked = usize::from(receive_maximum).min(MESSAGES);
         assert_eq!(before_acks, unacked, "receive maximum {receive_maximum}");
     }
@@ -163,27 +165,46 @@ async fn mqtt5_receive_maximum_sets_how_many_messages_wait_for_their_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_sends_its_in_flight_window_before_any_ack() {
-    use edgewise_agent::broker::{EmbeddedBroker, MAX_INFLIGHT};
+    use edgewise_agent::broker::MAX_INFLIGHT;
+    // The vendored rumqttd's window (vendor/README.md), where rumqttd 0.20 has 100.
+    assert_eq!(
+        embedded_before_any_ack(MAX_INFLIGHT + 200, QoS::AtLeastOnce).await,
+        MAX_INFLIGHT
+    );
+}
+
+/// MQTT: a subscriber gets a publish at the lower of the publish's QoS and its subscription's.
+/// The agent subscribes with QoS 1; rumqttd 0.20 sent it QoS 0 publishes as QoS 1, inside its
+/// in-flight window, waiting for acks nobody needed (vendor/README.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_sends_qos_0_publishes_at_qos_0_outside_its_window() {
+    use edgewise_agent::broker::MAX_INFLIGHT;
+    assert_eq!(
+        embedded_before_any_ack(MAX_INFLIGHT + 200, QoS::AtMostOnce).await,
+        MAX_INFLIGHT + 200
+    );
+}
+
+/// [`messages_before_any_ack`] against an embedded broker of its own.
+async fn embedded_before_any_ack(messages: usize, qos: QoS) -> usize {
+    use edgewise_agent::broker::EmbeddedBroker;
     let broker = EmbeddedBroker::start(([127, 0, 0, 1], 0).into(), 1 << 20).unwrap();
     let setup = Setup::new();
     let mut cfg = setup.agent_config(free_addr());
     cfg.mqtt.url = format!("mqtt://{}", broker.addr);
     let to = (broker.addr.ip().to_string(), broker.addr.port());
-    // The vendored rumqttd's window (vendor/README.md), where rumqttd 0.20 has 100.
-    assert_eq!(
-        messages_before_any_ack(&setup, &cfg, &to, MAX_INFLIGHT + 200).await,
-        MAX_INFLIGHT
-    );
+    messages_before_any_ack(&setup, &cfg, &to, messages, qos).await
 }
 
-/// Connects one agent connection with `cfg`, publishes `messages` QoS 1 readings to `broker`
-/// and returns how many arrived while none was acked; then acks them one by one and checks that
-/// the rest arrive, each once.
+/// Connects one agent connection with `cfg` (it subscribes with QoS 1), publishes `messages`
+/// readings at `qos` to `broker` and returns how many arrived while none was acked; then acks
+/// them one by one and checks that the rest arrive, each once, and that each arrived at `qos`.
 async fn messages_before_any_ack(
     setup: &Setup,
     cfg: &edgewise_agent::config::AgentConfig,
     broker: &(String, u16),
     messages: usize,
+    qos: QoS,
 ) -> usize {
     use edgewise_agent::ingest::{Connection, connect, run_connection};
     use std::sync::Arc;
@@ -210,7 +231,7 @@ async fn messages_before_any_ack(
     let sent: Vec<(String, Vec<u8>)> = (0..messages)
         .map(|i| (setup.topic("n1"), temperature("n1", T0 + i as i64, 20.0)))
         .collect();
-    publish_all(broker, &sent).await;
+    publish_all_at(broker, &sent, qos).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before_acks = rx.len();
 
@@ -221,6 +242,7 @@ async fn messages_before_any_ack(
             .await
             .expect("the broker sent the rest after the acks")
             .expect("the connection is running");
+        assert_eq!(d.message.qos, qos, "message {got}");
         client.ack(&d.message).await.unwrap();
         got += 1;
     }

@@ -214,24 +214,42 @@ pub fn temperature(node: &str, time_ms: i64, value: f64) -> Vec<u8> {
 
 /// Publishes every message with QoS 1 and returns once the broker acked them all.
 pub async fn publish_all(broker: &(String, u16), messages: &[(String, Vec<u8>)]) {
+    publish_all_at(broker, messages, QoS::AtLeastOnce).await;
+}
+
+/// [`publish_all`] at `qos`; at QoS 0, returns once every publish went out.
+pub async fn publish_all_at(broker: &(String, u16), messages: &[(String, Vec<u8>)], qos: QoS) {
     let mut opts = MqttOptions::new(unique("pub"), broker.0.clone(), broker.1);
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, eventloop) = AsyncClient::new(opts, 64);
-    publish_on(client, eventloop, messages).await;
+    publish_on_at(client, eventloop, messages, qos).await;
 }
 
 /// [`publish_all`] over a connection the caller configured (e.g. TLS, credentials).
 pub async fn publish_on(
     client: AsyncClient,
+    eventloop: rumqttc::EventLoop,
+    messages: &[(String, Vec<u8>)],
+) {
+    publish_on_at(client, eventloop, messages, QoS::AtLeastOnce).await;
+}
+
+async fn publish_on_at(
+    client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
     messages: &[(String, Vec<u8>)],
+    qos: QoS,
 ) {
     let total = messages.len();
     let poller = tokio::spawn(async move {
-        let mut acked = 0;
-        while acked < total {
+        // QoS 1: acked by the broker; QoS 0: written to the socket.
+        let mut done = 0;
+        while done < total {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(Event::Incoming(Packet::PubAck(_))) => done += 1,
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
+                    done += 1
+                }
                 Ok(_) => {}
                 Err(e) => panic!("publisher connection failed: {e}"),
             }
@@ -239,7 +257,7 @@ pub async fn publish_on(
     });
     for (topic, payload) in messages {
         client
-            .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+            .publish(topic.clone(), qos, false, payload.clone())
             .await
             .unwrap();
     }

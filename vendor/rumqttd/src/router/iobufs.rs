@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use tracing::{error, warn};
 
 use crate::{
-    protocol::Packet,
+    protocol::{Packet, QoS},
     router::{FilterIdx, MAX_CHANNEL_CAPACITY},
     Cursor, Notification,
 };
@@ -16,8 +16,8 @@ use crate::{
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
 // Edgewise patch (see vendor/README.md): 100 in rumqttd 0.20. A subscriber that acks only after
-// its own durable commit (the Edgewise agent) could take at most 100 messages per commit, and
-// rumqttd sends QoS 0 publishes at the subscription's QoS, so QoS 0 traffic hit the limit too.
+// its own durable commit (the Edgewise agent) could take at most 100 messages per commit (and,
+// before the QoS patch in `push_forwards`, QoS 0 traffic too).
 const MAX_INFLIGHT: usize = 1000;
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 
@@ -135,6 +135,13 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            // Edgewise patch (see vendor/README.md): a QoS 0 publish read for a QoS 1 or 2
+            // subscription needs no ack: no pkid, not in flight.
+            if p.publish.qos == QoS::AtMostOnce {
+                self.meter.publish_count += 1;
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

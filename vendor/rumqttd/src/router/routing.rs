@@ -1563,7 +1563,12 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // Edgewise patch (see vendor/README.md): a publish goes out at the lower of its
+            // own QoS and the subscription's (MQTT 3.1.1 section 3.8.4, MQTT 5 section
+            // 3.8.4); rumqttd sent every publish at the subscription's.
+            if publish.qos as u8 >= qos {
+                publish.qos = protocol::qos(qos).unwrap();
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {

@@ -198,7 +198,9 @@ async fn embedded_before_any_ack(messages: usize, qos: QoS) -> usize {
 
 /// Connects one agent connection with `cfg` (it subscribes with QoS 1), publishes `messages`
 /// readings at `qos` to `broker` and returns how many arrived while none was acked; then acks
-/// them one by one and checks that the rest arrive, each once, and that each arrived at `qos`.
+/// them one by one and checks that the rest arrive, each once, and that each arrived at `qos`;
+/// then that a new connection of the same session gets none again (every ack reached the
+/// broker).
 async fn messages_before_any_ack(
     setup: &Setup,
     cfg: &edgewise_agent::config::AgentConfig,
@@ -206,28 +208,9 @@ async fn messages_before_any_ack(
     messages: usize,
     qos: QoS,
 ) -> usize {
-    use edgewise_agent::ingest::{Connection, connect, run_connection};
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
-    let (client, session) = connect(cfg, 0).unwrap();
     // Room for all: a full channel would stop the connection reading and hide the broker's limit.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(2 * messages);
-    let metrics = Arc::new(edgewise_agent::Metrics::default());
-    let stopping = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(run_connection(
-        Connection {
-            session,
-            client: client.clone(),
-            index: 0,
-            topics: cfg.subscription_filters(),
-        },
-        tx,
-        metrics.clone(),
-        Duration::from_millis(500),
-        stopping.clone(),
-    ));
-    wait_until(10, "subscribed", || metrics.mqtt_subscribed.get() == 1).await;
+    let (connection, mut rx) = Listening::start(cfg, 2 * messages).await;
     let sent: Vec<(String, Vec<u8>)> = (0..messages)
         .map(|i| (setup.topic("n1"), temperature("n1", T0 + i as i64, 20.0)))
         .collect();
@@ -243,15 +226,72 @@ async fn messages_before_any_ack(
             .expect("the broker sent the rest after the acks")
             .expect("the connection is running");
         assert_eq!(d.message.qos, qos, "message {got}");
-        client.ack(&d.message).await.unwrap();
+        connection.client.ack(&d.message).await.unwrap();
         got += 1;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(rx.is_empty(), "nothing is delivered twice");
-    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    connection.stop().await;
+
+    let (again, mut rx) = Listening::start(cfg, 16).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        rx.is_empty(),
+        "the broker had every ack: it sent nothing again"
+    );
+    again.stop().await;
     before_acks
+}
+
+/// One agent connection, subscribed, delivering into a channel of `capacity`.
+struct Listening {
+    client: edgewise_agent::ingest::Client,
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listening {
+    async fn start(
+        cfg: &edgewise_agent::config::AgentConfig,
+        capacity: usize,
+    ) -> (
+        Listening,
+        tokio::sync::mpsc::Receiver<edgewise_agent::ingest::Delivery>,
+    ) {
+        use edgewise_agent::ingest::{Connection, connect, run_connection};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let (client, session) = connect(cfg, 0).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        let metrics = Arc::new(edgewise_agent::Metrics::default());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run_connection(
+            Connection {
+                session,
+                client: client.clone(),
+                index: 0,
+                topics: cfg.subscription_filters(),
+            },
+            tx,
+            metrics.clone(),
+            std::time::Duration::from_millis(500),
+            stopping.clone(),
+        ));
+        wait_until(10, "subscribed", || metrics.mqtt_subscribed.get() == 1).await;
+        let listening = Listening {
+            client,
+            stopping,
+            task,
+        };
+        (listening, rx)
+    }
+
+    async fn stop(self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.task).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -233,7 +233,7 @@ async fn messages_before_any_ack(
     assert!(rx.is_empty(), "nothing is delivered twice");
     connection.stop().await;
 
-    let (again, mut rx) = Listening::start(cfg, 16).await;
+    let (again, rx) = Listening::start(cfg, 16).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         rx.is_empty(),

@@ -37,9 +37,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_TLS_CONNECTIONS: usize = 10_000;
 
 /// QoS 1 messages the embedded broker sends one connection before their acks: `MAX_INFLIGHT`
-/// of the vendored rumqttd (`vendor/README.md`; 100 in rumqttd 0.20 as published). It also
-/// applies to QoS 0 publishes, which rumqttd delivers at the subscription's QoS. Tested in
-/// `tests/e2e.rs` (`the_embedded_broker_sends_its_in_flight_window_before_any_ack`).
+/// of the vendored rumqttd (`vendor/README.md`; 100 in rumqttd 0.20 as published). QoS 0
+/// publishes are not counted: the vendored copy delivers them at QoS 0 (rumqttd 0.20 sent them
+/// at the subscription's QoS). Tested in `tests/e2e.rs`
+/// (`the_embedded_broker_sends_its_in_flight_window_before_any_ack`,
+/// `the_embedded_broker_sends_qos_0_publishes_at_qos_0_outside_its_window`).
 pub const MAX_INFLIGHT: usize = 1_000;
 
 /// The agent's `mqtt.broker_max_inflight` when it reads from the embedded broker (it runs it

@@ -98,8 +98,8 @@ pub struct MqttConfig {
     pub receive_maximum: u16,
     /// The broker's limit on QoS 1 messages sent to this client and not yet acknowledged
     /// (Mosquitto: `max_inflight_messages`; the embedded broker: 1,000,
-    /// [`crate::broker::MAX_INFLIGHT`], a constant of rumqttd that also applies to QoS 0
-    /// messages on a QoS 1 subscription; 100 in rumqttd 0.20 as published, without `vendor/`).
+    /// [`crate::broker::MAX_INFLIGHT`], a constant of the vendored rumqttd; 100 in rumqttd 0.20
+    /// as published, which also counted QoS 0 messages on a QoS 1 subscription).
     /// The agent acks a message only after its journal commit, so once that many wait for the
     /// commit the broker sends nothing more: the batch then commits at once instead of waiting
     /// out `ingest.commit_interval_ms`. A limit set too high only costs that wait; one set too low

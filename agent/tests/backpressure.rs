@@ -4,12 +4,7 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-use edgewise_agent::Metrics;
-use edgewise_agent::ingest::{Connection, connect, run_connection};
 
 #[tokio::test]
 async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
@@ -17,24 +12,7 @@ async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
     const MESSAGES: usize = 60;
     let setup = common::Setup::new();
     let cfg = setup.agent_config(common::free_addr());
-    let (client, session) = connect(&cfg, 0).unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(QUEUE);
-    let metrics = Arc::new(Metrics::default());
-    let stopping = Arc::new(AtomicBool::new(false));
-    let connection = Connection {
-        session,
-        client: client.clone(),
-        index: 0,
-        topics: cfg.subscription_filters(),
-    };
-    let connection = tokio::spawn(run_connection(
-        connection,
-        tx,
-        metrics.clone(),
-        Duration::from_millis(500),
-        stopping.clone(),
-    ));
-    common::wait_until(10, "subscribed", || metrics.mqtt_subscribed.get() == 1).await;
+    let (connection, mut rx) = common::Listening::start(&cfg, QUEUE).await;
 
     // Published (and acked by the broker) while nothing drains the queue.
     let sent: Vec<(String, Vec<u8>)> = (0..MESSAGES)
@@ -57,7 +35,7 @@ async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
             .expect("the connection resumed reading")
             .expect("the connection is running")
             .message;
-        client.ack(&p).await.unwrap();
+        connection.client.ack(&p).await.unwrap();
         assert!(rx.len() <= QUEUE);
         got.push(p.payload.to_vec());
     }
@@ -66,7 +44,5 @@ async fn a_full_queue_stops_reading_from_the_broker_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(rx.is_empty(), "nothing is delivered twice");
 
-    stopping.store(true, Ordering::Relaxed);
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    connection.stop().await;
 }

@@ -304,3 +304,55 @@ pub async fn subscribed_on(agent: &edgewise_agent::Agent, connections: u64) {
     })
     .await;
 }
+
+/// One agent connection (`cfg`'s first), subscribed, delivering into a channel of `capacity`,
+/// as the agent runs it but without its pipeline: the test takes the messages and acks them.
+pub struct Listening {
+    pub client: edgewise_agent::ingest::Client,
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listening {
+    pub async fn start(
+        cfg: &edgewise_agent::config::AgentConfig,
+        capacity: usize,
+    ) -> (
+        Listening,
+        tokio::sync::mpsc::Receiver<edgewise_agent::ingest::Delivery>,
+    ) {
+        use edgewise_agent::ingest::{Connection, connect, run_connection};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let (client, session) = connect(cfg, 0).unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        let metrics = Arc::new(edgewise_agent::Metrics::default());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run_connection(
+            Connection {
+                session,
+                client: client.clone(),
+                index: 0,
+                topics: cfg.subscription_filters(),
+            },
+            tx,
+            metrics.clone(),
+            std::time::Duration::from_millis(500),
+            stopping.clone(),
+        ));
+        wait_until(10, "subscribed", || metrics.mqtt_subscribed.get() == 1).await;
+        let listening = Listening {
+            client,
+            stopping,
+            task,
+        };
+        (listening, rx)
+    }
+
+    pub async fn stop(self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.client.try_disconnect();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.task).await;
+    }
+}
